@@ -1,0 +1,348 @@
+"""The model's shape: one flat dataclass for every supported architecture, and its conversion
+from and to a Hugging Face `config.json`.
+
+The supported checkpoints are two variations of one decoder-only transformer:
+  llama, mistral, qwen2 (Llama 2/3.x, TinyLlama, SmolLM, Mistral, Qwen2/2.5): RMSNorm, SwiGLU MLP,
+      rotary positions, grouped-query attention; biases only on Qwen2's q/k/v projections (or
+      where a Llama config asks for them); Mistral and Qwen2 may use a sliding attention window;
+  gpt2: LayerNorm, GELU MLP, learned positions, a bias on every linear layer, tied embeddings.
+
+`from_hf_config` reads the keys that hub checkpoints carry (`rope_theta` + `rope_scaling`) as
+well as the newer `rope_parameters` of transformers 5, filling absent keys with the defaults of
+the transformers config classes, so a folder means here what it means there.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from minituner.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu_tanh", "gelu")
+POSITIONS = ("rope", "learned")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"  # Hugging Face family whose file layout the weights follow
+    vocab_size: int = 32000  # V: rows of the embedding (may exceed the tokenizer's vocabulary)
+    dim: int = 512  # C: width of the residual stream
+    n_layers: int = 8  # transformer blocks
+    n_heads: int = 8  # H: query heads
+    n_kv_heads: int | None = None  # K: key/value heads; None = n_heads (MHA), 1 = MQA, else GQA
+    head_dim: int | None = None  # D: width of one head; None = dim // n_heads
+    ffn_dim: int = 1408  # F: hidden width of the MLP
+    norm: str = "rmsnorm"  # "rmsnorm" (llama family) or "layernorm" (gpt2)
+    norm_eps: float = 1e-5  # epsilon inside the norm's square root
+    mlp: str = "swiglu"  # "swiglu" (gated SiLU), "gelu_tanh" (gpt2's gelu_new) or "gelu" (exact erf)
+    positions: str = "rope"  # "rope" (rotary, rotate-half layout) or "learned" (gpt2's wpe table)
+    rope_theta: float = 10000.0  # rotary base; the frequencies are theta^(-2i/D)
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"yarn", ...} as in HF; None = plain
+    qkv_bias: bool = False  # bias on the q/k/v projections (qwen2, gpt2)
+    out_bias: bool = False  # bias on the attention output projection (gpt2)
+    mlp_bias: bool = False  # bias on the MLP projections (gpt2)
+    tie_embeddings: bool = False  # lm_head shares the token-embedding matrix
+    max_seq_len: int = 2048  # context the model was trained for; a hard limit for learned positions
+    sliding_window: int | None = None  # each query sees at most this many most recent keys (mistral)
+    sliding_window_from: int = 0  # first layer that uses the window (qwen2's max_window_layers)
+    init_std: float = 0.02  # std of the normal init of a model built from scratch
+    extra: dict = field(default_factory=dict, compare=False)  # unknown HF keys, written back on save
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        _require(self.model_type in SUPPORTED_MODEL_TYPES, f"model_type {self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        _require(self.norm in NORMS, f"norm {self.norm!r} is not one of {NORMS}")
+        _require(self.mlp in MLPS, f"mlp {self.mlp!r} is not one of {MLPS}")
+        _require(self.positions in POSITIONS, f"positions {self.positions!r} is not one of {POSITIONS}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        _require(self.positions != "rope" or self.head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.head_dim}")
+        _require(self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be positive, got {self.sliding_window}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_seq_len)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# ----------------------------------------------------------------------------- rope scaling
+def _normalize_rope_scaling(scaling: dict, max_seq_len: int) -> dict | None:
+    """Validate an HF rope-scaling dict and fill HF's defaults; returns None for plain RoPE."""
+    scaling = dict(scaling)
+    rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    scaling["rope_type"] = rope_type
+    scaling.pop("rope_theta", None)  # kept in ModelConfig.rope_theta
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    if rope_type in ("linear", "llama3") or scaling.get("factor") is not None:
+        _require(isinstance(scaling.get("factor"), (int, float)) and scaling["factor"] >= 1,
+                 f"rope scaling 'factor' must be a number >= 1, got {scaling.get('factor')!r}")
+    if rope_type in ("llama3", "yarn"):
+        scaling.setdefault("original_max_position_embeddings", max_seq_len)
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            _require(isinstance(scaling.get(key), (int, float)), f"llama3 rope scaling needs a number {key!r}")
+        _require(scaling["high_freq_factor"] > scaling["low_freq_factor"], "llama3 rope scaling needs high_freq_factor > low_freq_factor")
+    if rope_type == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = max_seq_len / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[list[float], float]:
+    """Inverse frequencies (D/2 of them) of the rotary embedding, and the factor on cos/sin.
+
+    Plain RoPE (Su et al. 2021): inv_freq_i = theta^(-2i/D). The scalings stretch the long
+    wavelengths to reach past the pretraining context:
+      linear  every frequency / factor (position interpolation, Chen et al. 2023);
+      llama3  wavelengths above original_len/low_freq_factor divided by factor, below
+              original_len/high_freq_factor kept, a smooth blend between (Llama 3.1);
+      yarn    a per-dimension ramp between the two, plus an attention temperature on cos/sin
+              (Peng et al. 2023).
+    Written in float64 Python and rounded once to float32 by the caller.
+    """
+    D, theta = config.head_dim, config.rope_theta
+    inv_freq = [1.0 / theta ** (i / D) for i in range(0, D, 2)]
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], scaling.get("factor")
+    if kind == "linear":
+        return [f / factor for f in inv_freq], 1.0
+    if kind == "llama3":
+        original = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        out = []
+        for f in inv_freq:
+            wavelen = 2 * math.pi / f
+            if wavelen < original / high:
+                out.append(f)
+            elif wavelen > original / low:
+                out.append(f / factor)
+            else:
+                smooth = (original / wavelen - low) / (high - low)
+                out.append((1 - smooth) * f / factor + smooth * f)
+        return out, 1.0
+    return _yarn_frequencies(inv_freq, D, theta, scaling)
+
+
+def _yarn_frequencies(inv_freq: list[float], D: int, theta: float, scaling: dict) -> tuple[list[float], float]:
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):  # dimension whose wavelength fits `rotations` times in `original`
+        return D * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    high = high + 0.001 if low == high else high
+    out = []
+    for i, f in enumerate(inv_freq):
+        extrapolate = 1 - min(max((i - low) / (high - low), 0.0), 1.0)  # 1 = keep, 0 = interpolate
+        out.append(f / factor * (1 - extrapolate) + f * extrapolate)
+    return out, attention_factor
+
+
+# ----------------------------------------------------------------------------- HF config.json
+_LLAMA_DEFAULTS = {  # the transformers config classes' defaults, for keys a config.json leaves out
+    "llama": dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048, sliding_window=None),
+    "mistral": dict(vocab_size=32000, intermediate_size=14336, max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768, sliding_window=4096),
+}
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+# Keys we read or rewrite on save. Any other key (token ids, dropout rates, ...) is kept in
+# ModelConfig.extra and written back unchanged.
+_KNOWN_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache", "initializer_range",
+    "attention_dropout", "pretraining_tp", "_name_or_path", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "n_positions", "n_embd", "n_layer", "n_head",
+    "n_inner", "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn", "add_cross_attention", "n_ctx",
+}
+
+
+def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from the dict of a Hugging Face config.json; `source` names it in errors."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if hf.get("quantization_config"):
+        raise UserError(f"{source}: quantized checkpoints (quantization_config) are not supported; use the unquantized weights")
+    reader = _Fields(hf, source)
+    try:
+        fields = _gpt2_fields(reader) if model_type == "gpt2" else _llama_fields(reader, model_type)
+        extra = {k: v for k, v in hf.items() if k not in _KNOWN_KEYS}
+        return ModelConfig(model_type=model_type, extra=extra, **fields)
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+class _Fields:
+    """Typed access to config.json keys, with errors that name the file and the key."""
+
+    def __init__(self, hf: dict, source: str):
+        self.hf, self.source = hf, source
+
+    def get(self, key: str, default, kind=int, nullable: bool = False):
+        """hf[key] checked to be of `kind`; `default` when absent; None when null and `nullable`."""
+        if self.hf.get(key) is None:
+            return None if key in self.hf and nullable else default
+        value = self.hf[key]
+        kinds = (int, float) if kind is float else kind
+        if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
+            raise UserError(f"{self.source}: field {key!r} should be {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+
+def _llama_fields(f: _Fields, model_type: str) -> dict:
+    defaults = _LLAMA_DEFAULTS[model_type]
+    act = f.get("hidden_act", "silu", str)
+    if act not in ("silu", "swish"):
+        raise UserError(f"{f.source}: hidden_act {act!r} is not supported for {model_type} (only 'silu')")
+    dim, n_heads = f.get("hidden_size", 4096), f.get("num_attention_heads", 32)
+    max_len = f.get("max_position_embeddings", defaults["max_position_embeddings"])
+    theta, scaling = _hf_rope(f, max_len)
+    bias = f.get("attention_bias", False, bool) if model_type == "llama" else model_type == "qwen2"
+    window, window_from = _hf_sliding_window(f, model_type, defaults["sliding_window"])
+    return dict(
+        vocab_size=f.get("vocab_size", defaults["vocab_size"]), dim=dim,
+        n_layers=f.get("num_hidden_layers", 32), n_heads=n_heads,
+        n_kv_heads=f.get("num_key_value_heads", 8 if model_type == "mistral" else None, nullable=True),
+        head_dim=f.get("head_dim", None), ffn_dim=f.get("intermediate_size", defaults["intermediate_size"]),
+        norm="rmsnorm", norm_eps=f.get("rms_norm_eps", 1e-6, float), mlp="swiglu", positions="rope",
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=bias, out_bias=bias and model_type == "llama",
+        mlp_bias=f.get("mlp_bias", False, bool) if model_type == "llama" else False,
+        tie_embeddings=f.get("tie_word_embeddings", False, bool), max_seq_len=max_len,
+        sliding_window=window, sliding_window_from=window_from,
+    )
+
+
+def _hf_rope(f: _Fields, max_len: int) -> tuple[float, dict | None]:
+    """rope_theta and scaling from either `rope_parameters` (transformers 5) or the classic keys."""
+    # transformers gives the classic rope_scaling priority over rope_parameters when both are set
+    params = f.get("rope_scaling", None, dict) or f.get("rope_parameters", None, dict) or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise UserError(f"{f.source}: per-layer rope_parameters are not supported")
+    theta = params.get("rope_theta", f.get("rope_theta", 10000.0, float))
+    if f.hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{f.source}: partial_rotary_factor != 1 is not supported")
+    return theta, dict(params) if params else None
+
+
+def _hf_sliding_window(f: _Fields, model_type: str, default: int | None) -> tuple[int | None, int]:
+    if model_type == "llama":
+        return None, 0
+    window = f.get("sliding_window", default, nullable=True)
+    if model_type == "mistral":
+        return window, 0
+    layer_types = f.get("layer_types", None, list)
+    if layer_types is None:  # qwen2 before transformers 5: the window is off unless switched on
+        if not f.get("use_sliding_window", False, bool) or window is None:
+            return None, 0
+        return window, f.get("max_window_layers", 28)
+    n_full = layer_types.index("sliding_attention") if "sliding_attention" in layer_types else len(layer_types)
+    if set(layer_types[n_full:]) - {"sliding_attention"} or set(layer_types[:n_full]) - {"full_attention"}:
+        raise UserError(f"{f.source}: layer_types must be full_attention layers then sliding_attention layers")
+    return (window, n_full) if n_full < len(layer_types) and window is not None else (None, 0)
+
+
+def _gpt2_fields(f: _Fields) -> dict:
+    act = f.get("activation_function", "gelu_new", str)
+    if act not in _GPT2_ACTIVATIONS:
+        raise UserError(f"{f.source}: activation_function {act!r} is not supported; supported: {', '.join(_GPT2_ACTIVATIONS)}")
+    if not f.get("scale_attn_weights", True, bool) or f.get("scale_attn_by_inverse_layer_idx", False, bool):
+        raise UserError(f"{f.source}: only the standard 1/sqrt(head_dim) attention scaling is supported")
+    if f.get("add_cross_attention", False, bool):
+        raise UserError(f"{f.source}: cross-attention (add_cross_attention) is not supported")
+    dim = f.get("n_embd", 768)
+    return dict(
+        vocab_size=f.get("vocab_size", 50257), dim=dim, n_layers=f.get("n_layer", 12), n_heads=f.get("n_head", 12),
+        ffn_dim=f.get("n_inner", None) or 4 * dim, norm="layernorm", norm_eps=f.get("layer_norm_epsilon", 1e-5, float),
+        mlp=_GPT2_ACTIVATIONS[act], positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=f.get("tie_word_embeddings", True, bool), max_seq_len=f.get("n_positions", 1024),
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    """The config.json dict under which transformers builds the same model (no token ids, no dtype)."""
+    problem = _hf_incompatibility(config)
+    if problem:
+        raise UserError(f"this model cannot be saved as a Hugging Face {config.model_type!r} checkpoint: {problem}")
+    if config.model_type == "gpt2":
+        activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[config.mlp]
+        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=config.vocab_size,
+                  n_positions=config.max_seq_len, n_embd=config.dim, n_layer=config.n_layers, n_head=config.n_heads,
+                  n_inner=config.ffn_dim, activation_function=activation, layer_norm_epsilon=config.norm_eps,
+                  tie_word_embeddings=config.tie_embeddings)
+        return _with_extra(hf, config.extra)
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    hf = dict(architectures=[architecture[config.model_type]], model_type=config.model_type,
+              vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+              num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+              num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+              max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+              rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
+              tie_word_embeddings=config.tie_embeddings)
+    if config.model_type == "llama":
+        hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    elif config.model_type == "mistral":
+        hf.update(sliding_window=config.sliding_window)
+    else:
+        use_window = config.sliding_window is not None
+        hf.update(use_sliding_window=use_window, sliding_window=config.sliding_window,
+                  max_window_layers=config.sliding_window_from if use_window else config.n_layers)
+    return _with_extra(hf, config.extra)
+
+
+def _with_extra(hf: dict, extra: dict) -> dict:
+    return {**hf, **{key: value for key, value in extra.items() if key not in hf}}
+
+
+def _hf_incompatibility(c: ModelConfig) -> str | None:
+    """Why `c` has no exact Hugging Face equivalent for its model_type, or None."""
+    if c.model_type == "gpt2":
+        wanted = dict(norm="layernorm", positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+                      n_kv_heads=c.n_heads, head_dim=c.dim // c.n_heads, sliding_window=None)
+        if c.mlp == "swiglu":
+            return "gpt2 has no gated (swiglu) MLP"
+    else:
+        bias = c.model_type == "qwen2" or (c.model_type == "llama" and c.qkv_bias)
+        wanted = dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=bias,
+                      out_bias=bias and c.model_type == "llama", mlp_bias=c.mlp_bias if c.model_type == "llama" else False)
+        if c.model_type == "llama":
+            wanted["sliding_window"] = None
+        if c.model_type == "mistral":
+            wanted["sliding_window_from"] = 0
+    for name, value in wanted.items():
+        if getattr(c, name) != value:
+            return f"{name} is {getattr(c, name)!r}, {c.model_type} needs {value!r}"
+    return None

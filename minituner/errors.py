@@ -1,0 +1,27 @@
+"""The one exception type for mistakes in what a user gave us: a file, a field, a flag.
+
+Every module may raise it; the command-line entry points catch it and print its message as a
+single line without a traceback. Bugs in minituner itself stay ordinary exceptions (or
+asserts) so that they do show a traceback. `read_json` lives here because turning a broken
+file into such an error is all it adds to json.loads.
+"""
+
+import json
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A user's input is wrong; the message names the file, line, field or flag and the problem."""
+
+
+def read_json(path):
+    """The parsed JSON file at `path`, or None if there is no such file; bad JSON is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None

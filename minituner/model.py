@@ -1,0 +1,300 @@
+"""The decoder-only transformer that every supported checkpoint runs on, and its KV cache.
+
+One pre-norm block serves both families (see config.py): x + attn(norm(x)), then x + mlp(norm(x)).
+Module names follow Hugging Face's Llama (`embed_tokens`, `layers.N.self_attn.q_proj`,
+`mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), so a Llama-family state dict maps onto
+ours by dropping its `model.` prefix, and adapters can be named the way PEFT names them.
+
+Shape legend:
+  B batch, T query tokens of this call, S key/value tokens (cached + new), C model dim,
+  H query heads, K key/value heads, G = H // K query heads per key/value head, D head dim,
+  F MLP hidden dim, V vocabulary.
+
+Numerics: norms run in float32 and hand back the compute dtype; rotary angles are computed in
+float32 from the positions (no table, so no length limit and nothing for `.to(dtype)` to round);
+softmax happens inside scaled_dot_product_attention, which accumulates in float32.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minituner.config import ModelConfig, rope_frequencies
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)  # cast back before the weight, as the HF reference does
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (GPT-2), computed in float32 whatever the compute dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    return RMSNorm(config.dim, config.norm_eps) if config.norm == "rmsnorm" else LayerNorm(config.dim, config.norm_eps)
+
+
+# ----------------------------------------------------------------------------- rotary positions
+def rope_cos_sin(inv_freq: torch.Tensor, scale: float, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of the rotary angles position * inv_freq, each (B, T, D), in `dtype`."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2), float32
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D): the rotate-half layout repeats the halves
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by the angle of their position: the 'rotate half' layout of
+    HF checkpoints, which pairs dimension i with i + D/2 rather than the paper's 2i with 2i+1."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]  # cos/sin (B, 1, T, D) broadcast over heads
+
+
+# ----------------------------------------------------------------------------- attention
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_len`.
+
+    `length` tokens are filled. A forward pass writes its new keys/values at positions
+    [length, length + T) of every layer, then the model advances `length` by T.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)  # (L, B, K, S_max, D)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's k, v (B, K, T, D) and return all keys and values so far, (B, K, S, D)."""
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[3]:
+            raise ValueError(f"KV cache holds {self.keys.shape[3]} tokens, {end} needed")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def make_attention_mask(T: int, S: int, device, *, key_padding=None, document_ids=None, window=None):
+    """The boolean mask (True = may attend) for T queries over S keys, or None where the kernel's
+    own causal flag says it all. Returns (mask, is_causal).
+
+    The queries are the last T of the S positions (the first S - T are cached). key_padding
+    (B, S) marks real tokens; document_ids (B, T) isolates packed documents (T == S); window
+    limits each query to its `window` most recent keys, itself included.
+    """
+    plain = key_padding is None and document_ids is None and (window is None or S <= window)
+    if plain and T == S:
+        return None, True  # causal: flash / efficient kernels without a mask tensor
+    if plain and T == 1:
+        return None, False  # one new query sees every cached key
+    q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos  # (T, S)
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if key_padding is not None:
+        mask = mask & key_padding.bool()[:, None, None, :]  # (B, 1, T, S)
+    if document_ids is not None:
+        assert T == S, "document isolation is for full sequences, not cached decoding"
+        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]  # (B, 1, T, S)
+    # A query with nothing to attend to (a left-pad token) would softmax over -inf only and
+    # produce NaN; let it see everything instead. Its output belongs to a pad and is never read.
+    return mask | ~mask.any(dim=-1, keepdim=True), False
+
+
+def attend(q, k, v, mask, is_causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, K, S, D), sharing each key/value
+    head among G = H // K query heads without copying it where the kernels allow."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    if G == 1 or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)
+    if T == 1:
+        # Decoding: the G query heads of a group become G "time steps" over the same keys.
+        out = F.scaled_dot_product_attention(q.view(B, -1, G, D), k, v, attn_mask=mask)  # (B, K, G, D)
+        return out.view(B, H, 1, D)
+    # A mask and several query tokens: the CUDA kernels that take a mask do not share heads,
+    # so repeat each key/value head G times.
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, S, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        C, HD, KD = config.dim, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(C, HD, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, KD, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, KD, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(HD, C, bias=config.out_bias)
+        self.uses_window = config.sliding_window is not None and layer >= config.sliding_window_from
+
+    def forward(self, x, cos_sin, mask, is_causal, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if cos_sin is not None:
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
+        out = attend(q, k, v, mask, is_causal)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU, down(silu(gate(x)) * up(x)) (Shazeer 2020), or GELU, down(gelu(up(x))) (GPT-2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")  # (B, T, F)
+        return self.down_proj(h)  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, masks, cache) -> torch.Tensor:
+        mask, is_causal = masks[self.self_attn.uses_window]
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, is_causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+        if config.positions == "rope":
+            inv_freq, self.rope_scale = rope_frequencies(config)
+            # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+            self.inv_freq = torch.tensor(inv_freq, dtype=torch.float32, device="cpu")  # (D/2,)
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Make lm_head use the embedding matrix when the config ties them (call after moving weights)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """From-scratch init: N(0, init_std) weights, zero biases, unit norms; the projections that
+        write into the residual stream scaled by 1/sqrt(2 * n_layers) (GPT-2, Radford et al. 2019)
+        so the stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T), in the weights' dtype.
+
+        position_ids (B, T): positions of the tokens; by default they count from the cache's
+            length, restart at each document (document_ids) or skip left padding (attention_mask).
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over the cached and new tokens.
+        document_ids (B, T): packed sequences; a token attends only within its own document.
+        cache: keys/values of earlier tokens; this call's are appended to it.
+        last_only: compute logits for the last position only, (B, 1, V) (generation).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, past, input_ids.device, attention_mask, document_ids)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos_sin = None
+        if self.config.positions == "learned":
+            x = x + self.embed_positions(position_ids)  # (B, T, C)
+        else:
+            if self.inv_freq.device != input_ids.device:
+                self.inv_freq = self.inv_freq.to(input_ids.device)
+            cos_sin = rope_cos_sin(self.inv_freq, self.rope_scale, position_ids, x.dtype)  # 2 x (B, T, D)
+        S = past + T
+        full = make_attention_mask(T, S, x.device, key_padding=attention_mask, document_ids=document_ids)
+        window = self.config.sliding_window
+        local = full if window is None else make_attention_mask(
+            T, S, x.device, key_padding=attention_mask, document_ids=document_ids, window=window)
+        masks = (full, local)  # indexed by Attention.uses_window
+        for block in self.layers:
+            x = block(x, cos_sin, masks, cache)
+        if cache is not None:
+            cache.length = S
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+def default_position_ids(B: int, T: int, past: int, device, attention_mask=None, document_ids=None) -> torch.Tensor:
+    """Positions (B, T) when the caller gives none: restarting at 0 in each packed document,
+    counting only real tokens under left padding, else past, past+1, ..."""
+    if document_ids is not None:
+        index = torch.arange(T, device=device).expand(B, T)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+        return index - start_index
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+    return torch.arange(past, past + T, device=device).expand(B, T)

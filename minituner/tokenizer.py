@@ -1,0 +1,178 @@
+"""Tokenizers: the `tokenizer.json` of a Hugging Face model folder, run by the `tokenizers`
+library, together with the special tokens the folder's other files name; and a byte-level BPE
+trainer for models built from scratch.
+
+Which special tokens a folder means is spread over three files. We read, in order:
+  tokenizer_config.json  bos_token / eos_token / pad_token (strings, or {"content": ...});
+  generation_config.json bos/eos/pad ids; `eos_token_id` may be a list (Llama 3 instruct stops on
+                         <|eot_id|> and <|eom_id|> too): all of them stop generation;
+  config.json            the same ids, when the other two are silent.
+Whether `encode(..., add_special_tokens=True)` adds a BOS (Llama) or nothing (GPT-2, Qwen2) is
+decided by tokenizer.json's post-processor, as transformers decides it; only a tokenizer.json
+without one falls back to tokenizer_config.json's add_bos_token / add_eos_token.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from minituner.errors import UserError, read_json
+
+ENDOFTEXT = "<|endoftext|>"
+# Special tokens of a from-scratch tokenizer: end of text (also the pad), and ChatML's turn
+# markers so that chat templates work without resizing the embedding later.
+SCRATCH_SPECIAL_TOKENS = (ENDOFTEXT, "<|im_start|>", "<|im_end|>")
+
+
+class Tokenizer:
+    """Text <-> token ids, and the ids with special roles (bos, eos, pad, stop)."""
+
+    def __init__(self, backend: Backend, *, bos_id=None, eos_id=None, pad_id=None, stop_ids=(),
+                 tokenizer_config=None, generation_config=None, chat_template_file=None):
+        self.backend = backend
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        # Generation ends on any of these: the eos and every eos id of generation_config.json.
+        self.stop_ids = sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))
+        self.tokenizer_config = dict(tokenizer_config or {})  # written back on save, so HF sees the same
+        self.generation_config = dict(generation_config or {})
+        self.chat_template_file = chat_template_file  # text of chat_template.jinja, if the folder had one
+        self.prefix_ids, self.suffix_ids = self._special_affixes()
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included: the embedding needs at least this many rows."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens, the model's BOS (and EOS, if it wants one).
+
+        Special tokens written in the text (e.g. "<|im_start|>") always become their single id.
+        """
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids that encode(add_special_tokens=True) puts before and after the text."""
+        if self.backend.post_processor is None:
+            cfg = self.tokenizer_config
+            prefix = [self.bos_id] if cfg.get("add_bos_token") and self.bos_id is not None else []
+            suffix = [self.eos_id] if cfg.get("add_eos_token") and self.eos_id is not None else []
+            return prefix, suffix
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):  # where the plain ids sit inside the full ones
+            if full[start:start + len(plain)] == plain:
+                return full[:start], full[start + len(plain):]
+        raise UserError("tokenizer.json: its post-processor changes the text's own tokens; not supported")
+
+    # ------------------------------------------------------------------------- files
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """Read tokenizer.json and the special tokens of a Hugging Face model folder."""
+        folder = Path(path)
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise UserError(
+                f"{folder}: no tokenizer.json. minituner reads Hugging Face fast-tokenizer files; a folder with only "
+                "tokenizer.model can be converted once with transformers: "
+                "AutoTokenizer.from_pretrained(path).save_pretrained(path)")
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise UserError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
+        tok_cfg = read_json(folder / "tokenizer_config.json") or {}
+        gen_cfg = read_json(folder / "generation_config.json") or {}
+        model_cfg = read_json(folder / "config.json") or {}
+        ids = {}
+        for role in ("bos", "eos", "pad"):
+            ids[role] = _special_id(backend, tok_cfg, role, folder / "tokenizer_config.json")
+            if ids[role] is None:  # the configs' ids, generation_config first as transformers does
+                ids[role] = _first_id(gen_cfg.get(f"{role}_token_id"), model_cfg.get(f"{role}_token_id"))
+        stop_ids = _id_list(gen_cfg.get("eos_token_id")) or _id_list(model_cfg.get("eos_token_id"))
+        template_file = folder / "chat_template.jinja"
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        return cls(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
+                   tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template)
+
+    def save(self, path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json into folder `path`."""
+        folder = Path(path)
+        self.backend.save(str(folder / "tokenizer.json"))
+        tok_cfg = dict(self.tokenizer_config)
+        tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for role in ("bos", "eos", "pad"):
+            token_id = getattr(self, f"{role}_id")
+            tok_cfg[f"{role}_token"] = self.id_to_token(token_id) if token_id is not None else None
+        gen_cfg = dict(self.generation_config)
+        if not gen_cfg:
+            gen_cfg = {"bos_token_id": self.bos_id, "eos_token_id": _id_or_list(self.stop_ids), "pad_token_id": self.pad_id}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (folder / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n", encoding="utf-8")
+        if self.chat_template_file is not None:
+            (folder / "chat_template.jinja").write_text(self.chat_template_file, encoding="utf-8")
+
+    # ------------------------------------------------------------------------- training
+    @classmethod
+    def train_bpe(cls, texts, vocab_size: int, special_tokens=SCRATCH_SPECIAL_TOKENS, min_frequency: int = 2,
+                  max_len: int | None = None) -> "Tokenizer":
+        """Train a byte-level BPE (GPT-2's scheme: every byte is a base token, so no text is ever
+        out of vocabulary) on an iterable of strings. The first special token is eos and pad."""
+        minimum = 256 + len(special_tokens)
+        if vocab_size < minimum:
+            raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {minimum} "
+                            f"(256 bytes + {len(special_tokens)} special tokens)")
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                      special_tokens=list(special_tokens),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(texts, trainer)
+        eos = backend.token_to_id(special_tokens[0])
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": special_tokens[0],
+                   "pad_token": special_tokens[0]}
+        if max_len is not None:
+            tok_cfg["model_max_length"] = max_len
+        return cls(backend, eos_id=eos, pad_id=eos, tokenizer_config=tok_cfg)
+
+
+def _special_id(backend: Backend, tok_cfg: dict, role: str, source: Path) -> int | None:
+    """Id of tokenizer_config.json's `{role}_token`; None if it names none."""
+    token = tok_cfg.get(f"{role}_token")
+    if isinstance(token, dict):  # a serialised AddedToken
+        token = token.get("content")
+    if not token:
+        return None
+    token_id = backend.token_to_id(token)
+    if token_id is None and role != "pad":  # an unknown pad is harmless: we pick our own
+        raise UserError(f"{source}: {role}_token {token!r} is not in tokenizer.json's vocabulary")
+    return token_id
+
+
+def _id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)]
+
+
+def _first_id(*values) -> int | None:
+    for value in values:
+        ids = _id_list(value)
+        if ids:
+            return ids[0]
+    return None
+
+
+def _id_or_list(ids: list[int]):
+    return ids[0] if len(ids) == 1 else (list(ids) or None)

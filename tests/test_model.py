@@ -1,0 +1,174 @@
+"""The transformer computes what Hugging Face transformers computes for the same checkpoint."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CHECKPOINTS, FIXTURES, reference
+from minituner.checkpoint import load_pretrained
+from minituner.config import ModelConfig
+from minituner.generate import generate
+from minituner.model import KVCache, Transformer, default_position_ids
+
+
+def causal_lm_loss(logits, labels):
+    """HF's causal-LM loss: position t predicts labels[t + 1]; -100 is ignored."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def checkpoint(request):
+    model, tokenizer = load_pretrained(FIXTURES / request.param)
+    return request.param, model, reference(request.param)
+
+
+def test_logits_and_loss_match_transformers(checkpoint):
+    name, model, ref = checkpoint
+    with torch.no_grad():
+        logits = model(ref["input_ids"])
+    assert logits.shape == ref["logits"].shape
+    assert (logits - ref["logits"]).abs().max() < 1e-4
+    assert abs(causal_lm_loss(logits, ref["labels"]) - ref["loss"].item()) < 1e-5
+
+
+def test_greedy_ids_match_transformers(checkpoint):
+    name, model, ref = checkpoint
+    prompt = ref["prompt_ids"][0].tolist()
+    new = generate(model, [prompt], max_new_tokens=12)[0]
+    assert prompt + new == ref["greedy_ids"][0].tolist()
+
+
+def test_left_padded_batch_matches_transformers(checkpoint):
+    name, model, ref = checkpoint
+    if "padded_ids" not in ref:
+        pytest.skip("the shared fixtures carry no padded reference")
+    with torch.no_grad():
+        logits = model(ref["padded_ids"], attention_mask=ref["padded_mask"])
+    real = ref["padded_mask"].bool()
+    assert (logits[real] - ref["padded_logits"][real]).abs().max() < 1e-4
+
+
+def test_cached_decoding_equals_full_forward(checkpoint):
+    """Prefill 10 tokens, then feed the rest one at a time (past mistral's 8-token window)."""
+    name, model, ref = checkpoint
+    ids = ref["input_ids"]
+    B, T = ids.shape
+    cache = KVCache(model.config, B, T, "cpu", torch.float32)
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :10], cache=cache)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(10, T)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5
+
+
+def test_padded_cached_decoding_equals_unpadded(checkpoint):
+    """A short prompt decoded inside a left-padded batch gives the logits it gets alone."""
+    name, model, ref = checkpoint
+    long, short = ref["input_ids"][0, :12], ref["input_ids"][1, :5]
+    ids = torch.stack([long, torch.cat([torch.zeros(7, dtype=torch.long), short])])  # (2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :7] = 0
+    cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+    nxt = torch.tensor([[5], [6]])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        batched = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache)
+        alone = model(torch.cat([short, torch.tensor([6])])[None])[:, -1:]
+    assert (batched[1:] - alone).abs().max() < 1e-5
+
+
+def test_packed_documents_do_not_see_each_other(checkpoint):
+    name, model, ref = checkpoint
+    a, b = ref["input_ids"][0, :9], ref["input_ids"][1, :15]
+    packed = torch.cat([a, b])[None]  # (1, 24)
+    documents = torch.tensor([[0] * 9 + [1] * 15])
+    with torch.no_grad():
+        together = model(packed, document_ids=documents)
+        apart = torch.cat([model(a[None]), model(b[None])], dim=1)
+    assert (together - apart).abs().max() < 1e-5
+
+
+def test_positions_restart_per_document_and_skip_left_padding():
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    assert default_position_ids(1, 6, 0, "cpu", document_ids=documents).tolist() == [[0, 1, 2, 0, 1, 0]]
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert default_position_ids(2, 4, 0, "cpu", attention_mask=mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert default_position_ids(1, 2, 5, "cpu").tolist() == [[5, 6]]
+
+
+def test_rope_frequencies_survive_a_cast_to_bfloat16():
+    model, _ = load_pretrained(FIXTURES / "llama31-tiny")
+    before = model.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, before)
+
+
+def test_low_precision_forward_stays_close_to_float32():
+    model, _ = load_pretrained(FIXTURES / "llama-tiny", dtype=torch.bfloat16)
+    ref = reference("llama-tiny")
+    with torch.no_grad():
+        logits = model(ref["input_ids"])
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - ref["logits"]).abs().max() < 0.1
+
+
+def test_from_scratch_model_starts_near_uniform():
+    """At init the logits are small, so the loss is close to ln V: no token is favoured."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    model = Transformer(config)
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.shape == (2, 32, 512)
+    assert abs(causal_lm_loss(logits, ids) - math.log(512)) < 0.05
+
+
+def test_from_scratch_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=256, n_layers=8, n_heads=4, ffn_dim=512))
+    q_std = model.layers[0].self_attn.q_proj.weight.std().item()
+    o_std = model.layers[0].self_attn.o_proj.weight.std().item()
+    assert abs(q_std - 0.02) < 0.002 and abs(o_std - 0.02 / math.sqrt(16)) < 0.001
+    assert torch.equal(model.layers[0].input_layernorm.weight, torch.ones(256))
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=64, tie_embeddings=True))
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_gqa_paths_agree_with_repeated_heads():
+    """The shared-head kernels give what explicitly repeated key/value heads give."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=64)
+    gqa = Transformer(config)
+    mha = Transformer(dataclasses.replace(config, n_kv_heads=4))
+    state = gqa.state_dict()
+    for i in range(config.n_layers):
+        for proj in ("k_proj", "v_proj"):
+            key = f"layers.{i}.self_attn.{proj}.weight"
+            state[key] = state[key].repeat(4, 1)  # one head's rows, four times
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            assert (gqa(ids, **kwargs) - mha(ids, **kwargs)).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    ref = reference("llama31-tiny")
+    model, _ = load_pretrained(FIXTURES / "llama31-tiny", device="cuda")
+    with torch.no_grad():
+        logits = model(ref["input_ids"].cuda())
+    assert (logits.cpu() - ref["logits"]).abs().max() < 1e-4
+    model, _ = load_pretrained(FIXTURES / "llama31-tiny", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert (model(ref["input_ids"].cuda()).float().cpu() - ref["logits"]).abs().max() < 0.1
