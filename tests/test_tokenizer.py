@@ -1,0 +1,129 @@
+import json
+import shutil
+
+import pytest
+from tokenizers import processors
+
+from conftest import FIXTURES
+from minituner.errors import UserError
+from minituner.tokenizer import Tokenizer
+
+TEXT = "Hello world! Ünïcödé, emoji 🙂 and\ttabs\n\nnew lines."
+
+
+def copy_fixture(tmp_path, name="llama-tiny"):
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_fixture_tokenizer_round_trips_text():
+    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")
+    assert tok.vocab_size == 384
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    assert tok.encode(TEXT) == tok.encode(TEXT, add_special_tokens=False)  # its post-processor adds nothing
+    assert (tok.eos_id, tok.stop_ids) == (0, [0])
+
+
+def test_special_tokens_in_text_become_single_ids():
+    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == tok.token_to_id("<|im_start|>") == 1 and ids[-1] == tok.token_to_id("<|im_end|>") == 2
+    assert tok.decode(ids) == "user\nhi"
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+
+
+def test_bos_comes_from_the_post_processor(tmp_path):
+    """Llama tokenizer.json files add <s> / <|begin_of_text|> with a TemplateProcessing step."""
+    folder = copy_fixture(tmp_path)
+    tok = Tokenizer.from_dir(folder)
+    tok.backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    tok.backend.save(str(folder / "tokenizer.json"))
+    edit_json(folder / "tokenizer_config.json", bos_token="<|im_start|>")
+    tok = Tokenizer.from_dir(folder)
+    assert tok.bos_id == 1 and tok.prefix_ids == [1]
+    assert tok.encode("hi") == [1] + tok.encode("hi", add_special_tokens=False)
+
+
+def test_without_post_processor_add_bos_token_is_honoured(tmp_path):
+    folder = copy_fixture(tmp_path)
+    edit_json(folder / "tokenizer_config.json", bos_token="<|im_start|>", add_bos_token=True, add_eos_token=True)
+    tok = Tokenizer.from_dir(folder)
+    assert tok.encode("hi") == [1] + tok.encode("hi", add_special_tokens=False) + [0]
+
+
+def test_every_eos_of_generation_config_stops(tmp_path):
+    """Llama 3 instruct: eos <|eot_id|> in the tokenizer, several eos ids in generation_config.json."""
+    folder = copy_fixture(tmp_path)
+    edit_json(folder / "generation_config.json", eos_token_id=[0, 2])
+    edit_json(folder / "tokenizer_config.json", eos_token={"content": "<|im_end|>", "special": True})
+    tok = Tokenizer.from_dir(folder)
+    assert tok.eos_id == 2 and tok.stop_ids == [0, 2]
+
+
+def test_ids_fall_back_to_config_json(tmp_path):
+    folder = copy_fixture(tmp_path)
+    edit_json(folder / "tokenizer_config.json", eos_token=None, pad_token=None)
+    (folder / "generation_config.json").unlink()
+    edit_json(folder / "config.json", eos_token_id=2, pad_token_id=1)
+    tok = Tokenizer.from_dir(folder)
+    assert (tok.eos_id, tok.pad_id, tok.stop_ids) == (2, 1, [2])
+
+
+def test_save_and_reload_keep_special_tokens_and_chat_template(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    edit_json(folder / "tokenizer_config.json", chat_template="{{ inline }}", bos_token="<|im_start|>")
+    tok = Tokenizer.from_dir(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    tok.save(out)
+    again = Tokenizer.from_dir(out)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.stop_ids) == (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids)
+    assert again.encode(TEXT) == tok.encode(TEXT)
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert again.tokenizer_config["chat_template"] == "{{ inline }}"
+
+
+def test_trained_bpe_is_lossless_and_reloads(tmp_path, shakespeare):
+    tok = Tokenizer.train_bpe([shakespeare], vocab_size=400)
+    assert tok.vocab_size == 400
+    assert [tok.id_to_token(i) for i in range(3)] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (0, 0, None)
+    for text in (TEXT, shakespeare[:500], "unseen words: zyxwvq 12345"):
+        assert tok.decode(tok.encode(text)) == text  # byte-level: nothing is out of vocabulary
+    assert len(tok.encode(shakespeare)) < len(shakespeare.encode()) * 0.6  # merges were learned
+    tok.save(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    assert again.encode(shakespeare[:2000]) == tok.encode(shakespeare[:2000]) and again.stop_ids == [0]
+
+
+def test_too_small_bpe_vocabulary_is_refused():
+    with pytest.raises(UserError, match="vocab size 100 is too small: a byte-level BPE needs at least 259"):
+        Tokenizer.train_bpe(["abc"], vocab_size=100)
+
+
+def test_missing_tokenizer_json_says_what_to_do(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"llama-tiny: no tokenizer\.json.*save_pretrained"):
+        Tokenizer.from_dir(folder)
+
+
+def test_broken_tokenizer_files_name_the_file(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"tokenizer_config\.json: invalid JSON at line 1"):
+        Tokenizer.from_dir(folder)
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "<nope>"}')
+    with pytest.raises(UserError, match=r"tokenizer_config\.json: eos_token '<nope>' is not in tokenizer\.json"):
+        Tokenizer.from_dir(folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    with pytest.raises(UserError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
+        Tokenizer.from_dir(folder)
