@@ -1,0 +1,120 @@
+"""Benchmarks: throughput and peak memory, measured rather than asserted in tests.
+
+    python -m minituner.bench                      # random-weight SmolLM-135M shape, CPU or CUDA
+    python -m minituner.bench --model PATH         # any Hugging Face model folder
+
+Reports prefill (one forward over the prompts) and cached decoding in tokens per second, and
+the peak memory: allocated CUDA memory on a GPU, the process's peak resident set on a CPU.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from minituner.checkpoint import load_pretrained
+from minituner.config import ModelConfig
+from minituner.errors import UserError
+from minituner.generate import DTYPES, generate, resolve_device
+from minituner.model import Transformer
+
+# Shapes of real models, built with random weights so the benchmark needs no download.
+PRESETS = {
+    "smollm-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                        tie_embeddings=True, max_seq_len=2048),
+    "tiny": dict(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=256),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def bench_inference(model: Transformer, *, batch_size: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Best-of-`repeats` prefill and decode throughput of `model` on random token ids."""
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator).to(device)
+    prefill, total = float("inf"), float("inf")
+    for _ in range(repeats + 1):  # the first round warms up kernels and allocators
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(ids, last_only=True)
+        synchronize(device)
+        middle = time.perf_counter()
+        generate(model, ids.tolist(), max_new_tokens=new_tokens)
+        synchronize(device)
+        end = time.perf_counter()
+        prefill, total = min(prefill, middle - start), min(total, end - middle)
+    decode = max(total - prefill, 1e-9)  # generate() prefills once, then decodes new_tokens - 1 steps
+    return {
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_tokens_per_s": round(batch_size * prompt_len / prefill, 1),
+        "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / decode, 1),
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m minituner.bench", description="Measure throughput and peak memory.")
+    # what to measure
+    p.add_argument("--model", help="Hugging Face model folder (default: random weights of --preset)")
+    p.add_argument("--preset", default="smollm-135m", choices=sorted(PRESETS), help="model shape without --model")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per batch")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; the best is reported")
+    # hardware
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.prompt_len, args.repeats) < 1 or args.new_tokens < 2:
+        p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if args.model:
+            model, _ = load_pretrained(args.model, device=device, dtype=dtype)
+        else:
+            torch.manual_seed(0)
+            model = Transformer(ModelConfig(**PRESETS[args.preset])).to(device=device, dtype=dtype).eval()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                                 new_tokens=args.new_tokens, repeats=args.repeats)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = {"model": args.model or args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "threads": torch.get_num_threads(), **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(len(k) for k in result)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

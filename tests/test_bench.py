@@ -1,0 +1,12 @@
+import json
+
+from conftest import FIXTURES
+from minituner.bench import main
+
+
+def test_bench_reports_throughput_and_memory(capsys):
+    assert main(["--model", str(FIXTURES / "llama-tiny"), "--prompt-len", "16", "--new-tokens", "4",
+                 "--repeats", "1", "--batch-size", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params_m"] == 0.14 and result["batch_size"] == 2
+    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0 and result["peak_memory_mib"] > 0
