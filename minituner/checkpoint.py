@@ -91,7 +91,10 @@ def _canonical_name(name: str, model_type: str) -> str:
 
 # ----------------------------------------------------------------------------- loading
 def load_pretrained(path, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
-    """Read a Hugging Face model folder: the model (in `dtype`, on `device`, eval mode) and its tokenizer."""
+    """Read a Hugging Face model folder: the model (in `dtype`, on `device`, eval mode) and its tokenizer.
+
+    dtype=None keeps the dtype the weights are stored in.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such model folder" if not folder.exists() else f"{folder}: not a folder")
@@ -121,7 +124,7 @@ def read_config(folder: Path) -> ModelConfig:
     return from_hf_config(hf, source=str(file))
 
 
-def _read_weights(folder: Path, config: ModelConfig, expected: dict, dtype: torch.dtype) -> dict:
+def _read_weights(folder: Path, config: ModelConfig, expected: dict, dtype: torch.dtype | None) -> dict:
     """Every expected tensor, checked by name and shape, converted to `dtype`, in HF names."""
     files, source = _weight_files(folder)
     found = {}
@@ -139,7 +142,7 @@ def _read_weights(folder: Path, config: ModelConfig, expected: dict, dtype: torc
                     if t.shape != expected[canonical]:
                         raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                                         f"implies {tuple(expected[canonical])}")
-                    found[canonical] = t.to(dtype) if t.is_floating_point() else t
+                    found[canonical] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: not a readable safetensors file ({e})") from None
     missing = [name for name in expected if name not in found]

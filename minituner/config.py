@@ -12,8 +12,7 @@ well as the newer `rope_parameters` of transformers 5, filling absent keys with 
 the transformers config classes, so a folder means here what it means there.
 """
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from minituner.errors import UserError
 
@@ -69,9 +68,6 @@ class ModelConfig:
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_seq_len)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -103,69 +99,6 @@ def _normalize_rope_scaling(scaling: dict, max_seq_len: int) -> dict | None:
     if rope_type == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_seq_len / scaling["original_max_position_embeddings"]
     return scaling
-
-
-def rope_frequencies(config: ModelConfig) -> tuple[list[float], float]:
-    """Inverse frequencies (D/2 of them) of the rotary embedding, and the factor on cos/sin.
-
-    Plain RoPE (Su et al. 2021): inv_freq_i = theta^(-2i/D). The scalings stretch the long
-    wavelengths to reach past the pretraining context:
-      linear  every frequency / factor (position interpolation, Chen et al. 2023);
-      llama3  wavelengths above original_len/low_freq_factor divided by factor, below
-              original_len/high_freq_factor kept, a smooth blend between (Llama 3.1);
-      yarn    a per-dimension ramp between the two, plus an attention temperature on cos/sin
-              (Peng et al. 2023).
-    Written in float64 Python and rounded once to float32 by the caller.
-    """
-    D, theta = config.head_dim, config.rope_theta
-    inv_freq = [1.0 / theta ** (i / D) for i in range(0, D, 2)]
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq, 1.0
-    kind, factor = scaling["rope_type"], scaling.get("factor")
-    if kind == "linear":
-        return [f / factor for f in inv_freq], 1.0
-    if kind == "llama3":
-        original = scaling["original_max_position_embeddings"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        out = []
-        for f in inv_freq:
-            wavelen = 2 * math.pi / f
-            if wavelen < original / high:
-                out.append(f)
-            elif wavelen > original / low:
-                out.append(f / factor)
-            else:
-                smooth = (original / wavelen - low) / (high - low)
-                out.append((1 - smooth) * f / factor + smooth * f)
-        return out, 1.0
-    return _yarn_frequencies(inv_freq, D, theta, scaling)
-
-
-def _yarn_frequencies(inv_freq: list[float], D: int, theta: float, scaling: dict) -> tuple[list[float], float]:
-    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention_factor = scaling.get("attention_factor")
-    if attention_factor is None:
-        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
-
-    def correction_dim(rotations):  # dimension whose wavelength fits `rotations` times in `original`
-        return D * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, D - 1)
-    high = high + 0.001 if low == high else high
-    out = []
-    for i, f in enumerate(inv_freq):
-        extrapolate = 1 - min(max((i - low) / (high - low), 0.0), 1.0)  # 1 = keep, 0 = interpolate
-        out.append(f / factor * (1 - extrapolate) + f * extrapolate)
-    return out, attention_factor
 
 
 # ----------------------------------------------------------------------------- HF config.json

@@ -51,12 +51,8 @@ def generate(
     if model.config.positions == "learned" and total > model.config.max_seq_len:
         raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                         f"{model.config.max_seq_len} learned positions")
-    ids = torch.zeros(B, longest, dtype=torch.long, device=device)
-    padding = torch.zeros(B, longest, dtype=torch.bool, device=device)  # True = real token
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
-        padding[row, longest - len(prompt):] = True
-    mask = None if padding.all() else padding  # (B, S) while generating, or None with no padding
+    ids, real = left_pad(prompts, device)  # (B, L) each
+    mask = None if real.all() else real  # (B, S) while generating, or None with no padding
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     cache = KVCache(model.config, B, total, device, model.embed_tokens.weight.dtype) if use_cache else None
@@ -79,6 +75,17 @@ def generate(
         step_ids = token[:, None] if use_cache else ids  # (B, 1) or (B, S)
         logits = model(step_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     return new
+
+
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one (B, L) tensor of ids, and the (B, L) mask of real tokens."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    real = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, L - len(prompt):] = torch.tensor(prompt, device=device)
+        real[row, L - len(prompt):] = True
+    return ids, real
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:

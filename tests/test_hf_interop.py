@@ -44,3 +44,12 @@ def test_from_scratch_folder_works_in_transformers(tmp_path, shakespeare):
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max() < 1e-5
     assert hf_tok.eos_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", [n for n in CHECKPOINTS if not n.startswith("gpt2")])
+def test_rope_frequencies_are_bitwise_those_of_transformers(name):
+    """Equal to the last bit, so angles at 100k-token positions match too."""
+    model, _ = load_pretrained(FIXTURES / name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name)
+    assert torch.equal(model.inv_freq, hf.model.rotary_emb.inv_freq)
+    assert model.rope_scale == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-12)
