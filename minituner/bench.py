@@ -18,7 +18,7 @@ import torch
 from minituner.checkpoint import load_pretrained
 from minituner.config import ModelConfig
 from minituner.errors import UserError
-from minituner.generate import DTYPES, generate, resolve_device
+from minituner.generate import DTYPES, generate, resolve_device, resolve_dtype
 from minituner.model import Transformer
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
-        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = resolve_dtype(args.dtype, device)
         if args.model:
             model, _ = load_pretrained(args.model, device=device, dtype=dtype)
         else:

@@ -144,6 +144,13 @@ def resolve_device(name: str) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow)."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minituner.generate", description="Generate text with a model folder.")
     # what to run
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
-        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = resolve_dtype(args.dtype, device)
         model, tokenizer = load_pretrained(args.model, device=device, dtype=dtype)
         texts = generate_text(model, tokenizer, args.prompt, stop_strings=args.stop, stop_on_eos=not args.ignore_eos,
                               add_special_tokens=not args.no_special_tokens, max_new_tokens=args.max_new_tokens,

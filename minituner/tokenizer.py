@@ -2,8 +2,9 @@
 library, together with the special tokens the folder's other files name; and a byte-level BPE
 trainer for models built from scratch.
 
-Which special tokens a folder means is spread over three files. We read, in order:
-  tokenizer_config.json  bos_token / eos_token / pad_token (strings, or {"content": ...});
+Which special tokens a folder means is spread over several files. We read, in order:
+  tokenizer_config.json  bos_token / eos_token / pad_token (strings, or {"content": ...}), and
+                         special_tokens_map.json, where older folders keep them;
   generation_config.json bos/eos/pad ids; `eos_token_id` may be a list (Llama 3 instruct stops on
                          <|eot_id|> and <|eom_id|> too): all of them stop generation;
   config.json            the same ids, when the other two are silent.
@@ -92,11 +93,12 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises its own exception type
             raise UserError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
         tok_cfg = read_json(folder / "tokenizer_config.json") or {}
+        names = {**(read_json(folder / "special_tokens_map.json") or {}), **tok_cfg}  # older folders split them
         gen_cfg = read_json(folder / "generation_config.json") or {}
         model_cfg = read_json(folder / "config.json") or {}
         ids = {}
         for role in ("bos", "eos", "pad"):
-            ids[role] = _special_id(backend, tok_cfg, role, folder / "tokenizer_config.json")
+            ids[role] = _special_id(backend, names, role, folder / "tokenizer_config.json")
             if ids[role] is None:  # the configs' ids, generation_config first as transformers does
                 ids[role] = _first_id(gen_cfg.get(f"{role}_token_id"), model_cfg.get(f"{role}_token_id"))
         stop_ids = _id_list(gen_cfg.get("eos_token_id")) or _id_list(model_cfg.get("eos_token_id"))
@@ -147,9 +149,9 @@ class Tokenizer:
         return cls(backend, eos_id=eos, pad_id=eos, tokenizer_config=tok_cfg)
 
 
-def _special_id(backend: Backend, tok_cfg: dict, role: str, source: Path) -> int | None:
-    """Id of tokenizer_config.json's `{role}_token`; None if it names none."""
-    token = tok_cfg.get(f"{role}_token")
+def _special_id(backend: Backend, names: dict, role: str, source: Path) -> int | None:
+    """Id of the token named `{role}_token` in the tokenizer configs; None if they name none."""
+    token = names.get(f"{role}_token")
     if isinstance(token, dict):  # a serialised AddedToken
         token = token.get("content")
     if not token:

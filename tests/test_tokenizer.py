@@ -67,6 +67,14 @@ def test_every_eos_of_generation_config_stops(tmp_path):
     assert tok.eos_id == 2 and tok.stop_ids == [0, 2]
 
 
+def test_special_tokens_map_is_read_when_tokenizer_config_is_silent(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "special_tokens_map.json").write_text('{"eos_token": {"content": "<|im_end|>"}, "bos_token": "<|im_start|>"}')
+    tok = Tokenizer.from_dir(folder)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+
+
 def test_ids_fall_back_to_config_json(tmp_path):
     folder = copy_fixture(tmp_path)
     edit_json(folder / "tokenizer_config.json", eos_token=None, pad_token=None)
