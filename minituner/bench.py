@@ -99,6 +99,9 @@ def main(argv=None) -> int:
         else:
             torch.manual_seed(0)
             model = Transformer(ModelConfig(**PRESETS[args.preset])).to(device=device, dtype=dtype).eval()
+        if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
+            raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
+                            f"{model.config.max_seq_len} positions")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,

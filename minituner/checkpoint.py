@@ -58,7 +58,8 @@ def to_hf_state(state: dict, config: ModelConfig) -> dict:
 
 
 def from_hf_state(hf_state: dict, config: ModelConfig) -> dict:
-    """The inverse of to_hf_state: Hugging Face names and layout to ours (names already canonical)."""
+    """The inverse of to_hf_state: Hugging Face names and layout to ours (names already canonical).
+    Each tensor converts on its own, so a state dict may be converted one tensor at a time."""
     if config.model_type != "gpt2":
         return {name.removeprefix("model."): t for name, t in hf_state.items()}
     layer_names = {hf: ours for ours, hf in _GPT2_LAYER.items()}
@@ -106,11 +107,9 @@ def load_pretrained(path, device="cpu", dtype=torch.float32) -> tuple[Transforme
     with torch.device("meta"):  # shapes only: the weights come from the file, not from an init
         model = Transformer(config)
     expected = {name: t.shape for name, t in to_hf_state(model.state_dict(), config).items()}
-    hf_state = _read_weights(folder, config, expected, dtype)
-    state = from_hf_state(hf_state, config)
+    state = _read_weights(folder, config, expected, device, dtype)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    state = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     return model.eval(), tokenizer
@@ -124,10 +123,11 @@ def read_config(folder: Path) -> ModelConfig:
     return from_hf_config(hf, source=str(file))
 
 
-def _read_weights(folder: Path, config: ModelConfig, expected: dict, dtype: torch.dtype | None) -> dict:
-    """Every expected tensor, checked by name and shape, converted to `dtype`, in HF names."""
+def _read_weights(folder: Path, config: ModelConfig, expected: dict, device, dtype: torch.dtype | None) -> dict:
+    """Our state dict from the folder's files: every expected tensor checked by name and shape,
+    then converted and moved one at a time, so no second copy of the model is ever held."""
     files, source = _weight_files(folder)
-    found = {}
+    state, seen = {}, set()
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -142,14 +142,16 @@ def _read_weights(folder: Path, config: ModelConfig, expected: dict, dtype: torc
                     if t.shape != expected[canonical]:
                         raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                                         f"implies {tuple(expected[canonical])}")
-                    found[canonical] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                    t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                    state.update(from_hf_state({canonical: t}, config))
+                    seen.add(canonical)
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: not a readable safetensors file ({e})") from None
-    missing = [name for name in expected if name not in found]
+    missing = [name for name in expected if name not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"{source}: tensor {missing[0]!r}{more} missing from the weights")
-    return found
+    return state
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], Path]:
@@ -162,9 +164,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], Path]:
         other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         hint = f" (found {', '.join(sorted(other))}: minituner reads only safetensors)" if other else ""
         raise UserError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise UserError(f"{index_file}: no 'weight_map' naming the shard files")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index_file}: no 'weight_map' from tensor names to shard file names")
     files = [folder / name for name in sorted(set(weight_map.values()))]
     for file in files:
         if not file.is_file():
@@ -178,10 +180,9 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer, path, max_shard_by
 
     Everything is written to a temporary folder beside `path`, which then replaces it, so `path`
     holds either the old complete checkpoint or the new complete one, never a half-written one.
+    An existing `path` is replaced only if it holds nothing but model files.
     """
-    target = Path(path)
-    if target.exists() and not _is_replaceable(target):
-        raise UserError(f"{target}: exists and is not a model folder (no config.json); refusing to replace it")
+    target = _save_target(Path(path))
     config = model.config
     hf_config = to_hf_config(config)
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
@@ -191,6 +192,7 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer, path, max_shard_by
     for role in ("bos", "eos", "pad"):
         hf_config.setdefault(f"{role}_token_id", getattr(tokenizer, f"{role}_id"))
 
+    _remove_stale_temporaries(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -203,8 +205,48 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer, path, max_shard_by
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _is_replaceable(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / "config.json").is_file() or not any(folder.iterdir()))
+# What save_pretrained writes, in any of its layouts: a folder holding anything else (a run's
+# metrics, a model card, the user's notes) is never replaced.
+_MODEL_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json"
+                          r"|chat_template\.jinja|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _save_target(path: Path) -> Path:
+    """The real folder to write (symlinks followed), checked to be safe to replace."""
+    target = path.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"{path}: is the current folder or one above it; save into a subfolder")
+    if target.exists():
+        if not target.is_dir():
+            raise UserError(f"{path}: exists and is not a folder")
+        others = sorted(p.name for p in target.iterdir() if not _MODEL_FILES.fullmatch(p.name))
+        if others:
+            raise UserError(f"{path}: holds {others[0]!r}, which is not a model file; refusing to replace the "
+                            "folder (save into a new folder, or one with only a saved model)")
+    return target
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete what an earlier, killed save left beside `target`: its temporary folder, and the old
+    checkpoint it had moved aside if the new one did reach `target`."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)")
+    for leftover in target.parent.iterdir():
+        m = pattern.fullmatch(leftover.name)
+        if m and not _process_alive(int(m[2])) and (m[1] == "tmp" or target.exists()):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_weights(hf_state: dict, folder: Path, max_shard_bytes: int) -> None:

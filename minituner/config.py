@@ -50,20 +50,22 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False)  # unknown HF keys, written back on save
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
-            if self.dim % self.n_heads:
-                raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}; set head_dim")
+            _require(self.dim % self.n_heads == 0, f"dim {self.dim} is not a multiple of n_heads {self.n_heads}; set head_dim")
             self.head_dim = self.dim // self.n_heads
         _require(self.model_type in SUPPORTED_MODEL_TYPES, f"model_type {self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         _require(self.norm in NORMS, f"norm {self.norm!r} is not one of {NORMS}")
         _require(self.mlp in MLPS, f"mlp {self.mlp!r} is not one of {MLPS}")
         _require(self.positions in POSITIONS, f"positions {self.positions!r} is not one of {POSITIONS}")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
-            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(self.n_kv_heads > 0 and self.head_dim > 0, "n_kv_heads and head_dim must be positive")
         _require(self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         _require(self.positions != "rope" or self.head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.head_dim}")
+        _require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        _require(self.norm_eps >= 0, f"norm_eps must not be negative, got {self.norm_eps}")
         _require(self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be positive, got {self.sliding_window}")
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_seq_len)
@@ -75,29 +77,35 @@ def _require(condition: bool, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- rope scaling
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                 "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+
+
 def _normalize_rope_scaling(scaling: dict, max_seq_len: int) -> dict | None:
     """Validate an HF rope-scaling dict and fill HF's defaults; returns None for plain RoPE."""
     scaling = dict(scaling)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    legacy_type = scaling.pop("type", None)
+    rope_type = scaling.get("rope_type") or legacy_type or "default"  # transformers: rope_type wins
     scaling["rope_type"] = rope_type
     scaling.pop("rope_theta", None)  # kept in ModelConfig.rope_theta
     if rope_type == "default":
         return None
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    if rope_type in ("linear", "llama3") or scaling.get("factor") is not None:
-        _require(isinstance(scaling.get("factor"), (int, float)) and scaling["factor"] >= 1,
-                 f"rope scaling 'factor' must be a number >= 1, got {scaling.get('factor')!r}")
-    if rope_type in ("llama3", "yarn"):
-        scaling.setdefault("original_max_position_embeddings", max_seq_len)
-    if rope_type == "llama3":
-        for key in ("low_freq_factor", "high_freq_factor"):
-            _require(isinstance(scaling.get(key), (int, float)), f"llama3 rope scaling needs a number {key!r}")
-        _require(scaling["high_freq_factor"] > scaling["low_freq_factor"], "llama3 rope scaling needs high_freq_factor > low_freq_factor")
+    _require(rope_type in ROPE_TYPES, f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    _require(scaling.get("partial_rotary_factor", 1.0) == 1.0, "partial_rotary_factor != 1 is not supported")
+    for key in _ROPE_NUMBERS:
+        value = scaling.get(key)
+        _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                 f"rope scaling {key!r} must be a positive number, got {value!r}")
+    if rope_type in ("llama3", "yarn") and scaling.get("original_max_position_embeddings") is None:
+        scaling["original_max_position_embeddings"] = max_seq_len
     if rope_type == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_seq_len / scaling["original_max_position_embeddings"]
+    _require(scaling.get("factor") is not None and scaling["factor"] >= 1,
+             f"rope scaling 'factor' must be a number >= 1, got {scaling.get('factor')!r}")
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            _require(scaling.get(key) is not None, f"llama3 rope scaling needs a number {key!r}")
+        _require(scaling["high_freq_factor"] > scaling["low_freq_factor"], "llama3 rope scaling needs high_freq_factor > low_freq_factor")
     return scaling
 
 
@@ -123,8 +131,6 @@ _KNOWN_KEYS = {
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from the dict of a Hugging Face config.json; `source` names it in errors."""
-    if not isinstance(hf, dict):
-        raise UserError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -203,7 +209,7 @@ def _hf_sliding_window(f: _Fields, model_type: str, default: int | None) -> tupl
             return None, 0
         return window, f.get("max_window_layers", 28)
     n_full = layer_types.index("sliding_attention") if "sliding_attention" in layer_types else len(layer_types)
-    if set(layer_types[n_full:]) - {"sliding_attention"} or set(layer_types[:n_full]) - {"full_attention"}:
+    if any(t != "sliding_attention" for t in layer_types[n_full:]) or any(t != "full_attention" for t in layer_types[:n_full]):
         raise UserError(f"{f.source}: layer_types must be full_attention layers then sliding_attention layers")
     return (window, n_full) if n_full < len(layer_types) and window is not None else (None, 0)
 

@@ -136,9 +136,13 @@ def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when present, else CPU; asking for CUDA without one is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    return device
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if any(not s for s in args.stop):
+        p.error("--stop needs a non-empty string")
     return args
 
 

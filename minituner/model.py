@@ -175,7 +175,8 @@ def make_attention_mask(T: int, S: int, device, *, key_padding=None, document_id
         mask = mask & key_padding.bool()[:, None, None, :]  # (B, 1, T, S)
     if document_ids is not None:
         assert T == S, "document isolation is for full sequences, not cached decoding"
-        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]  # (B, 1, T, S)
+        segment = document_starts(document_ids).cumsum(dim=1)  # (B, T): a run of equal ids is one document
+        mask = mask & (segment[:, :, None] == segment[:, None, :])[:, None]  # (B, 1, T, S)
     # A query with nothing to attend to (a left-pad token) would softmax over -inf only and
     # produce NaN; let it see everything instead. Its output belongs to a pad and is never read.
     return mask | ~mask.any(dim=-1, keepdim=True), False
@@ -237,9 +238,17 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        elif self.kind == "gelu_tanh":
+            h = gelu_tanh(self.up_proj(x))  # (B, T, F)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")  # (B, T, F)
+            h = F.gelu(self.up_proj(x))  # (B, T, F)
         return self.down_proj(h)  # (B, T, C)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016) as GPT-2 wrote it. Spelled out rather
+    than F.gelu(approximate="tanh"), which rounds differently in bf16, to match HF's gelu_new."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 class Block(nn.Module):
@@ -346,10 +355,16 @@ def default_position_ids(B: int, T: int, past: int, device, attention_mask=None,
     counting only real tokens under left padding, else past, past+1, ..."""
     if document_ids is not None:
         index = torch.arange(T, device=device).expand(B, T)
-        starts = torch.ones_like(document_ids, dtype=torch.bool)
-        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+        start_index = torch.where(document_starts(document_ids), index, 0).cummax(dim=1).values  # (B, T)
         return index - start_index
     if attention_mask is not None:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
     return torch.arange(past, past + T, device=device).expand(B, T)
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) True where a packed document begins: the first token and wherever the id changes.
+    Documents are runs of equal ids, so [0, 0, 1, 1, 0] holds three documents, not two."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts

@@ -9,8 +9,13 @@ Which special tokens a folder means is spread over several files. We read, in or
                          <|eot_id|> and <|eom_id|> too): all of them stop generation;
   config.json            the same ids, when the other two are silent.
 Whether `encode(..., add_special_tokens=True)` adds a BOS (Llama) or nothing (GPT-2, Qwen2) is
-decided by tokenizer.json's post-processor, as transformers decides it; only a tokenizer.json
-without one falls back to tokenizer_config.json's add_bos_token / add_eos_token.
+decided by tokenizer.json's post-processor. Only a tokenizer.json without one falls back to
+tokenizer_config.json's add_bos_token / add_eos_token (transformers 5 ignores those flags then).
+
+tokenizer.json is run exactly as written, as the `tokenizers` library runs it. transformers 5
+rebuilds some tokenizers from the class named in tokenizer_config.json instead: for Llama-2-style
+files (a Prepend("▁") normalizer) its ids differ from the file's in the "▁" before a leading
+space or after a special token in the middle of a text.
 """
 
 import json
@@ -96,12 +101,14 @@ class Tokenizer:
         names = {**(read_json(folder / "special_tokens_map.json") or {}), **tok_cfg}  # older folders split them
         gen_cfg = read_json(folder / "generation_config.json") or {}
         model_cfg = read_json(folder / "config.json") or {}
+        gen_file, model_file = folder / "generation_config.json", folder / "config.json"
         ids = {}
         for role in ("bos", "eos", "pad"):
             ids[role] = _special_id(backend, names, role, folder / "tokenizer_config.json")
             if ids[role] is None:  # the configs' ids, generation_config first as transformers does
-                ids[role] = _first_id(gen_cfg.get(f"{role}_token_id"), model_cfg.get(f"{role}_token_id"))
-        stop_ids = _id_list(gen_cfg.get("eos_token_id")) or _id_list(model_cfg.get("eos_token_id"))
+                key = f"{role}_token_id"
+                ids[role] = (_id_list(gen_cfg, key, gen_file) or _id_list(model_cfg, key, model_file) or [None])[0]
+        stop_ids = _id_list(gen_cfg, "eos_token_id", gen_file) or _id_list(model_cfg, "eos_token_id", model_file)
         template_file = folder / "chat_template.jinja"
         template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
         return cls(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
@@ -156,24 +163,23 @@ def _special_id(backend: Backend, names: dict, role: str, source: Path) -> int |
         token = token.get("content")
     if not token:
         return None
+    if not isinstance(token, str):
+        raise UserError(f"{source}: {role}_token should be a token string, got {token!r}")
     token_id = backend.token_to_id(token)
     if token_id is None and role != "pad":  # an unknown pad is harmless: we pick our own
         raise UserError(f"{source}: {role}_token {token!r} is not in tokenizer.json's vocabulary")
     return token_id
 
 
-def _id_list(value) -> list[int]:
+def _id_list(config: dict, key: str, source: Path) -> list[int]:
+    """config[key] as a list of token ids: absent or null is [], one id or a list of ids is allowed."""
+    value = config.get(key)
     if value is None:
         return []
-    return [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)]
-
-
-def _first_id(*values) -> int | None:
-    for value in values:
-        ids = _id_list(value)
-        if ids:
-            return ids[0]
-    return None
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise UserError(f"{source}: {key} should be a token id or a list of them, got {value!r}")
+    return values
 
 
 def _id_or_list(ids: list[int]):

@@ -10,3 +10,8 @@ def test_bench_reports_throughput_and_memory(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["params_m"] == 0.14 and result["batch_size"] == 2
     assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0 and result["peak_memory_mib"] > 0
+
+
+def test_bench_names_the_flags_that_exceed_learned_positions(capsys):
+    assert main(["--model", str(FIXTURES / "gpt2-tiny"), "--prompt-len", "120", "--new-tokens", "16"]) == 2
+    assert "--prompt-len 120 + --new-tokens 16 exceeds the model's 128 positions" in capsys.readouterr().err

@@ -149,12 +149,41 @@ def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_save_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
+def test_save_refuses_to_replace_a_folder_with_other_files(tmp_path):
+    """A run folder has a config.json too; its metrics must survive a mistaken save."""
     model, tokenizer = load_pretrained(FIXTURES / "llama-tiny")
-    (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(UserError, match="exists and is not a model folder"):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("precious")
+    with pytest.raises(UserError, match=r"holds 'metrics\.jsonl', which is not a model file; refusing to replace"):
         save_pretrained(model, tokenizer, tmp_path)
-    assert (tmp_path / "notes.txt").read_text() == "precious"
+    assert (tmp_path / "metrics.jsonl").read_text() == "precious"
+
+
+def test_save_refuses_the_current_folder(tmp_path, monkeypatch):
+    model, tokenizer = load_pretrained(FIXTURES / "llama-tiny")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="is the current folder or one above it"):
+        save_pretrained(model, tokenizer, ".")
+
+
+def test_save_through_a_symlink_keeps_the_link(tmp_path):
+    model, tokenizer = load_pretrained(FIXTURES / "llama-tiny")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    save_pretrained(model, tokenizer, tmp_path / "link")
+    save_pretrained(model, tokenizer, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_save_removes_what_a_killed_save_left(tmp_path):
+    model, tokenizer = load_pretrained(FIXTURES / "llama-tiny")
+    dead_pid = 2**22 + 12345  # above Linux's pid_max: never a running process
+    (tmp_path / f".out.tmp-{dead_pid}").mkdir()
+    save_pretrained(model, tokenizer, tmp_path / "out")
+    (tmp_path / f".out.old-{dead_pid}").mkdir()  # the swap had completed: out exists
+    save_pretrained(model, tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -235,6 +264,14 @@ def test_index_naming_a_missing_shard(tmp_path):
     index = {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match=r"index\.json: lists shard model-00001-of-00002\.safetensors, which is not in"):
+        load_pretrained(folder)
+
+
+def test_index_with_a_malformed_weight_map(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": 1}}')
+    with pytest.raises(UserError, match=r"index\.json: no 'weight_map' from tensor names to shard file names"):
         load_pretrained(folder)
 
 

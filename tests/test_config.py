@@ -33,6 +33,8 @@ def test_old_type_key_of_rope_scaling_is_read():
     config = from_hf_config({**LLAMA31_CLASSIC, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     plain = from_hf_config({**LLAMA31_CLASSIC, "rope_scaling": None})
+    both = from_hf_config({**LLAMA31_CLASSIC, "rope_scaling": {"type": "linear", "rope_type": "default", "factor": 2.0}})
+    assert both.rope_scaling is None  # as in transformers, rope_type wins over the old type
     assert torch.equal(rope_frequencies(config)[0], rope_frequencies(plain)[0] / 2)
 
 
@@ -84,10 +86,20 @@ def test_unsupported_model_type_lists_what_is_supported():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"llama3 rope scaling needs a number 'low_freq_factor'"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
     ({"quantization_config": {"quant_method": "gptq"}}, r"quantized checkpoints"),
+    ({"num_attention_heads": 0}, r"n_heads must be positive, got 0"),
+    ({"rope_theta": 0}, r"rope_theta must be positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": "32"}}, r"rope scaling 'beta_fast' must be a positive number"),
+    ({"model_type": "qwen2", "layer_types": [1, 2]}, r"layer_types must be full_attention layers then sliding_attention"),
 ])
 def test_bad_config_values_name_the_file_and_field(change, message):
     with pytest.raises(UserError, match=r"^c\.json: " + message):
         from_hf_config({**LLAMA31_CLASSIC, **change}, source="c.json")
+
+
+def test_null_original_context_falls_back_to_max_position_embeddings():
+    config = from_hf_config({**LLAMA31_CLASSIC, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                                 "original_max_position_embeddings": None}})
+    assert config.rope_scaling["original_max_position_embeddings"] == 256
 
 
 def test_configs_transformers_cannot_express_are_refused_on_save():

@@ -86,3 +86,14 @@ def test_cli_reports_a_bad_folder_in_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "no such model folder" in err
+
+
+def test_cli_rejects_an_unknown_device_in_one_line(capsys):
+    assert main(["--model", str(FIXTURES / "llama-tiny"), "--prompt", "hi", "--device", "tpu9"]) == 2
+    assert capsys.readouterr().err == "error: --device tpu9: not a device; use auto, cpu, cuda or cuda:N\n"
+
+
+def test_cli_rejects_an_empty_stop_string(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(FIXTURES / "llama-tiny"), "--prompt", "hi", "--stop", ""])
+    assert exit_info.value.code == 2 and "--stop needs a non-empty string" in capsys.readouterr().err

@@ -53,3 +53,13 @@ def test_rope_frequencies_are_bitwise_those_of_transformers(name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name)
     assert torch.equal(model.inv_freq, hf.model.rotary_emb.inv_freq)
     assert model.rope_scale == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_bfloat16_logits_round_like_transformers(name):
+    """Same casts in the same places: bf16 logits agree to within one bf16 rounding step."""
+    model, _ = load_pretrained(FIXTURES / name, dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.bfloat16).eval()
+    ids = reference(name)["input_ids"]
+    with torch.no_grad():
+        assert (model(ids).float() - hf(ids).logits.float()).abs().max() < 1e-2

@@ -83,17 +83,17 @@ def test_padded_cached_decoding_equals_unpadded(checkpoint):
 
 def test_packed_documents_do_not_see_each_other(checkpoint):
     name, model, ref = checkpoint
-    a, b = ref["input_ids"][0, :9], ref["input_ids"][1, :15]
-    packed = torch.cat([a, b])[None]  # (1, 24)
-    documents = torch.tensor([[0] * 9 + [1] * 15])
+    a, b, c = ref["input_ids"][0, :9], ref["input_ids"][1, :15], ref["input_ids"][1, 15:20]
+    packed = torch.cat([a, b, c])[None]  # (1, 29)
+    documents = torch.tensor([[0] * 9 + [1] * 15 + [0] * 5])  # an id may come back: runs are documents
     with torch.no_grad():
         together = model(packed, document_ids=documents)
-        apart = torch.cat([model(a[None]), model(b[None])], dim=1)
+        apart = torch.cat([model(a[None]), model(b[None]), model(c[None])], dim=1)
     assert (together - apart).abs().max() < 1e-5
 
 
 def test_positions_restart_per_document_and_skip_left_padding():
-    documents = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    documents = torch.tensor([[0, 0, 0, 1, 1, 0]])
     assert default_position_ids(1, 6, 0, "cpu", document_ids=documents).tolist() == [[0, 1, 2, 0, 1, 0]]
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert default_position_ids(2, 4, 0, "cpu", attention_mask=mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]

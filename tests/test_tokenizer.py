@@ -124,6 +124,18 @@ def test_missing_tokenizer_json_says_what_to_do(tmp_path):
         Tokenizer.from_dir(folder)
 
 
+@pytest.mark.parametrize("file, content, message", [
+    ("generation_config.json", '{"eos_token_id": 2.0}', r"generation_config\.json: eos_token_id should be a token id or a list"),
+    ("generation_config.json", "[1, 2]", r"generation_config\.json: expected a JSON object, found a list"),
+    ("tokenizer_config.json", '{"bos_token": 5}', r"tokenizer_config\.json: bos_token should be a token string, got 5"),
+])
+def test_wrong_types_in_token_configs_name_file_and_field(tmp_path, file, content, message):
+    folder = copy_fixture(tmp_path)
+    (folder / file).write_text(content)
+    with pytest.raises(UserError, match=message):
+        Tokenizer.from_dir(folder)
+
+
 def test_broken_tokenizer_files_name_the_file(tmp_path):
     folder = copy_fixture(tmp_path)
     (folder / "tokenizer_config.json").write_text("{not json")
