@@ -149,7 +149,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow)."""
+    """'auto' is bfloat16 on CUDA, float32 on CPU (exact, and not every CPU computes bf16 fast)."""
     if name != "auto":
         return DTYPES[name]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
