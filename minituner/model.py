@@ -318,7 +318,9 @@ class Transformer(nn.Module):
 
         position_ids (B, T): positions of the tokens; by default they count from the cache's
             length, restart at each document (document_ids) or skip left padding (attention_mask).
-        attention_mask (B, S): 1 for real tokens, 0 for padding, over the cached and new tokens.
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over the cached and new tokens;
+            leave it None when nothing is padded (or only the end is): without a mask tensor
+            the causal kernels are faster.
         document_ids (B, T): packed sequences; a token attends only within its own document.
         cache: keys/values of earlier tokens; this call's are appended to it.
         last_only: compute logits for the last position only, (B, 1, V) (generation).
