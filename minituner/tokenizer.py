@@ -97,14 +97,14 @@ class Tokenizer:
             backend = Backend.from_file(str(file))
         except Exception as e:  # the Rust library raises its own exception type
             raise UserError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
-        tok_cfg = read_json(folder / "tokenizer_config.json") or {}
-        names = {**(read_json(folder / "special_tokens_map.json") or {}), **tok_cfg}  # older folders split them
-        gen_cfg = read_json(folder / "generation_config.json") or {}
-        model_cfg = read_json(folder / "config.json") or {}
+        tok_file, map_file = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
         gen_file, model_file = folder / "generation_config.json", folder / "config.json"
+        tok_cfg, map_cfg = read_json(tok_file) or {}, read_json(map_file) or {}  # older folders split the names
+        gen_cfg, model_cfg = read_json(gen_file) or {}, read_json(model_file) or {}
         ids = {}
         for role in ("bos", "eos", "pad"):
-            ids[role] = _special_id(backend, names, role, folder / "tokenizer_config.json")
+            named_in = (tok_cfg, tok_file) if f"{role}_token" in tok_cfg else (map_cfg, map_file)
+            ids[role] = _special_id(backend, *named_in, role)
             if ids[role] is None:  # the configs' ids, generation_config first as transformers does
                 key = f"{role}_token_id"
                 ids[role] = (_id_list(gen_cfg, key, gen_file) or _id_list(model_cfg, key, model_file) or [None])[0]
@@ -156,8 +156,8 @@ class Tokenizer:
         return cls(backend, eos_id=eos, pad_id=eos, tokenizer_config=tok_cfg)
 
 
-def _special_id(backend: Backend, names: dict, role: str, source: Path) -> int | None:
-    """Id of the token named `{role}_token` in the tokenizer configs; None if they name none."""
+def _special_id(backend: Backend, names: dict, source: Path, role: str) -> int | None:
+    """Id of the token that `names` (the dict of file `source`) gives as `{role}_token`; None if none."""
     token = names.get(f"{role}_token")
     if isinstance(token, dict):  # a serialised AddedToken
         token = token.get("content")

@@ -73,6 +73,9 @@ def test_special_tokens_map_is_read_when_tokenizer_config_is_silent(tmp_path):
     (folder / "special_tokens_map.json").write_text('{"eos_token": {"content": "<|im_end|>"}, "bos_token": "<|im_start|>"}')
     tok = Tokenizer.from_dir(folder)
     assert (tok.bos_id, tok.eos_id) == (1, 2)
+    (folder / "special_tokens_map.json").write_text('{"eos_token": "<nope>"}')
+    with pytest.raises(UserError, match=r"special_tokens_map\.json: eos_token '<nope>' is not in"):
+        Tokenizer.from_dir(folder)
 
 
 def test_ids_fall_back_to_config_json(tmp_path):
