@@ -238,14 +238,12 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 
 def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 checks existence only; PermissionError means another user's process
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
