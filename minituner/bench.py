@@ -9,7 +9,6 @@ the peak memory: allocated CUDA memory on a GPU, the process's peak resident set
 
 import argparse
 import json
-import resource
 import sys
 import time
 
@@ -18,7 +17,8 @@ import torch
 from minituner.checkpoint import load_pretrained
 from minituner.config import ModelConfig
 from minituner.errors import UserError
-from minituner.generate import DTYPES, generate, resolve_device, resolve_dtype
+from minituner.distributed import peak_memory_mib, resolve_device, synchronize
+from minituner.generate import DTYPES, generate, resolve_dtype
 from minituner.model import Transformer
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
@@ -27,17 +27,6 @@ PRESETS = {
                         tie_embeddings=True, max_seq_len=2048),
     "tiny": dict(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=256),
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 def bench_inference(model: Transformer, *, batch_size: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:

@@ -14,8 +14,10 @@ import sys
 import torch
 
 from minituner.checkpoint import load_pretrained
+from minituner.distributed import resolve_device
 from minituner.errors import UserError
 from minituner.model import KVCache, Transformer
+from minituner.precision import POLICIES
 from minituner.tokenizer import Tokenizer
 
 
@@ -132,20 +134,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], 
 
 
 # ----------------------------------------------------------------------------- CLI
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = POLICIES
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -5,19 +5,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import CHECKPOINTS, FIXTURES, reference
 from minituner.checkpoint import load_pretrained
 from minituner.config import ModelConfig
 from minituner.generate import generate
+from minituner.loss import lm_loss_sum, target_count
 from minituner.model import KVCache, Transformer, default_position_ids
 
 
 def causal_lm_loss(logits, labels):
-    """HF's causal-LM loss: position t predicts labels[t + 1]; -100 is ignored."""
-    V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    """Mean loss over the target tokens, from minituner's own loss (position t predicts labels[t + 1])."""
+    return lm_loss_sum(logits, labels).item() / target_count(labels)
 
 
 @pytest.fixture(scope="module", params=CHECKPOINTS)

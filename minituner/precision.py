@@ -1,0 +1,178 @@
+"""Mixed precision written out by hand: fp32 master weights, bf16/fp16 compute, loss scaling.
+
+A policy names the compute dtype. Under `bf16` or `fp16` the model's parameters are cast to
+that dtype, so forward and backward run in it, and every *trainable* parameter gets a float32
+master copy: gradients are accumulated into the master's .grad in float32, the optimizer
+updates the master, and the new values are copied back into the model. Small updates survive
+this way (an update below half a bf16 ulp of the weight would round away if applied to the
+bf16 weight itself; Micikevicius et al. 2018, "Mixed Precision Training"). Frozen parameters
+get no master and no optimizer state: they stay in the compute dtype, which is where LoRA's
+memory saving comes from. Under `fp32` the parameters are their own masters.
+
+Norms, softmax and the loss stay in float32 whatever the policy: RMSNorm/LayerNorm upcast in
+model.py, scaled_dot_product_attention accumulates in float32, and loss.py casts the logits.
+
+fp16 has 5 exponent bits, so small gradients underflow to zero. `LossScaler` multiplies the
+loss by a large scale before backward and divides the gradients by it afterwards; when a
+gradient overflows to inf/nan the step is skipped and the scale halves, and after
+`growth_interval` clean steps it doubles (the dynamic scheme of torch.amp.GradScaler, written
+out here so each step is visible in the training loop).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minituner.errors import UserError
+
+POLICIES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of `policy`, after checking `device` can train in it."""
+    if policy not in POLICIES:
+        raise UserError(f"--precision {policy}: unknown; choose one of {', '.join(POLICIES)}")
+    dtype = POLICIES[policy]
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                        "use --precision fp16 or fp32")
+    if dtype != torch.float32:
+        try:
+            _probe(dtype, device)
+        except (RuntimeError, NotImplementedError) as e:
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"--precision {policy}: {device} cannot train in {dtype} ({first_line})") from None
+    return dtype
+
+
+def _probe(dtype: torch.dtype, device: torch.device) -> None:
+    """One tiny matmul forward and backward in `dtype`: the ops every training step needs."""
+    w = torch.ones(8, 8, dtype=dtype, device=device, requires_grad=True)
+    (torch.ones(2, 8, dtype=dtype, device=device) @ w).float().sum().backward()
+
+
+class MasterWeights:
+    """The float32 weights the optimizer updates, each paired with the model parameter it feeds.
+
+    Construction casts `model` to `dtype` (frozen parameters included) after copying every
+    trainable parameter to float32; under float32 no copy is made.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.dtype = dtype
+        if dtype == torch.float32:
+            model.float()
+            self.masters = self.params  # fp32 parameters are their own masters
+        else:
+            self.masters = [nn.Parameter(p.detach().float().clone()) for p in self.params]
+            model.to(dtype)  # nn.Module.to keeps the Parameter objects, so self.params stay valid
+
+    def named_masters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(zip(self.names, self.masters))
+
+    def accumulate_grads(self) -> None:
+        """Move the gradients of one backward pass into the masters' float32 .grad (summing)."""
+        if self.masters is self.params:
+            return  # autograd already accumulated into the fp32 .grad
+        for p, m in zip(self.params, self.masters):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)  # add_ upcasts the compute-dtype gradient into fp32
+            p.grad = None
+
+    def grads(self) -> list[torch.Tensor]:
+        """The masters' gradients, creating zero ones for parameters that got none this step."""
+        for m in self.masters:
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
+        return [m.grad for m in self.masters]
+
+    def zero_grads(self) -> None:
+        for m in self.masters:
+            m.grad = None
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Round the updated masters into the model's compute-dtype parameters."""
+        if self.masters is not self.params:
+            for p, m in zip(self.params, self.masters):
+                p.copy_(m)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: m.detach() for name, m in zip(self.names, self.masters)}
+
+    @torch.no_grad()
+    def load_state_dict(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Load float32 master values by name (a checkpoint's), then refresh the model."""
+        expected = {name: tuple(m.shape) for name, m in zip(self.names, self.masters)}
+        found = {name: tuple(t.shape) for name, t in weights.items()}
+        if expected != found:
+            missing = sorted(set(expected) - set(found))[:3]
+            unexpected = sorted(set(found) - set(expected))[:3]
+            shapes = [n for n in expected.keys() & found.keys() if expected[n] != found[n]][:3]
+            raise UserError(f"{source}: holds weights of a different model or method "
+                            f"(missing {missing}, unexpected {unexpected}, other shape {shapes})")
+        for name, m in zip(self.names, self.masters):
+            m.copy_(weights[name])
+        self.copy_to_model()
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling for fp16; a scaler built with enabled=False always has scale 1.
+
+    init_scale       the first scale; 2**16 as in torch.amp.GradScaler
+    growth_factor    multiplies the scale after `growth_interval` steps in a row without overflow
+    backoff_factor   multiplies the scale on every overflow (the step itself is skipped)
+    growth_interval  clean steps before the scale grows
+    min_scale        a scale below this means even tiny scaled gradients overflow: the model has
+                     diverged or overflows in fp16 itself, and training stops with an error
+    """
+
+    enabled: bool = True
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float = 2.0**-14
+    scale: float = 0.0
+    good_steps: int = 0  # clean steps since the last growth or overflow
+
+    def __post_init__(self):
+        assert self.growth_factor > 1 and 0 < self.backoff_factor < 1 and self.growth_interval >= 1
+        if not self.enabled:
+            self.scale = 1.0
+        elif self.scale == 0.0:
+            self.scale = float(self.init_scale)
+
+    def update(self, found_inf: bool) -> None:
+        """After a step: back off on overflow, grow after `growth_interval` clean steps."""
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            if self.scale < self.min_scale:
+                raise UserError(f"fp16 loss scale fell to {self.scale:.3g}, below its floor {self.min_scale:.3g}: "
+                                "the gradients overflow however small the scale, so the model overflows in fp16 "
+                                "or has diverged; use --precision bf16 or fp32, or a lower --lr")
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])

@@ -1,0 +1,169 @@
+"""The run folder, and the training checkpoints that let an interrupted run resume exactly.
+
+    RUN/config.json                  the run's options, written by the script that started it
+    RUN/metrics.jsonl                one JSON object per logged step and per evaluation
+    RUN/summary.json                 the outcome, written when the run ends
+    RUN/checkpoints/step-000120/     a resumable checkpoint:
+        trainable.safetensors        float32 master weights of the trainable parameters, by name
+        optimizer.pt                 the optimizer's state (AdamW moments and step counts)
+        rng.pt                       RNG states of torch, CUDA, numpy and Python, one per rank
+        state.json                   step, loss scaler, early-stopping record, run config
+    RUN/checkpoints/best/            trainable.safetensors + state.json of the best evaluation
+
+Frozen weights are not stored: they are the base model's, which the run config names.
+Every file is written into a temporary folder that is renamed into place only when complete
+(a rename is atomic), so a run killed at any moment leaves each checkpoint whole or absent.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from minituner.errors import UserError, read_json
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+def write_json(path, data: dict) -> None:
+    """Write `data` as JSON so that `path` holds either the old or the new file, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir) -> dict:
+    """The options saved in RUN/config.json, for `--resume RUN`."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such folder")
+    config = read_json(run_dir / "config.json")
+    if config is None:
+        raise UserError(f"--resume {run_dir}: not a run folder (it has no config.json)")
+    return config
+
+
+def checkpoint_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete periodic checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such folder")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"--resume {run_dir}: the run has no checkpoint to resume from "
+                        f"(none in {run_dir / CHECKPOINTS}); start it again without --resume")
+    return found[-1]
+
+
+def save_checkpoint(path: Path, *, weights: dict[str, torch.Tensor], state: dict, optimizer: dict | None = None,
+                    rng: list | None = None) -> None:
+    """Write a checkpoint folder atomically, replacing an older one of the same name."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    tmp.mkdir(parents=True)
+    save_file({name: t.detach().contiguous() for name, t in weights.items()}, tmp / "trainable.safetensors",
+              metadata={"format": "pt"})
+    if optimizer is not None:
+        torch.save(optimizer, tmp / "optimizer.pt")
+    if rng is not None:
+        torch.save(rng, tmp / "rng.pt")
+    write_json(tmp / "state.json", state)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = path.with_name(f".old-{path.name}")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's weights, optimizer state, RNG states and state.json (absent parts None)."""
+    path = Path(path)
+    state = read_json(path / "state.json")
+    if state is None or not (path / "trainable.safetensors").is_file():
+        raise UserError(f"{path}: incomplete checkpoint (state.json or trainable.safetensors missing)")
+    try:
+        weights = load_file(path / "trainable.safetensors")
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").is_file() else None
+        rng = torch.load(path / "rng.pt", weights_only=True) if (path / "rng.pt").is_file() else None
+    except Exception as e:  # a truncated or foreign file: safetensors and torch raise various types
+        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    return {"weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
+
+
+def prune_checkpoints(run_dir, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (`best/` is never pruned)."""
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """Every random generator a step may draw from (dropout, shuffles, sampling)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "cached": cached}  # tensors and plain numbers, so torch.load(weights_only=True) reads it
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path, *, enabled: bool = True, resume_step: int | None = None):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and resume_step is not None and self.path.is_file():
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from: those steps run again."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")

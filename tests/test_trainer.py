@@ -1,0 +1,262 @@
+"""The training loop: exact loss averaging, batch semantics, resume, DDP, early stopping, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import toy_train
+from minituner.distributed import Runtime, resolve_device
+from minituner.errors import UserError
+from minituner.loss import IGNORE_INDEX
+from minituner.precision import LossScaler, MasterWeights
+from minituner.trainer import TrainOptions, evaluate, micro_batches, step_examples, train, train_step
+
+CPU = Runtime(torch.device("cpu"))
+TOY = Path(toy_train.__file__)
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir) -> dict:
+    newest = sorted((Path(run_dir) / "checkpoints").glob("step-*"))[-1]
+    return load_file(newest / "trainable.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def run_toy(tmp_path, name, *args) -> Path:
+    out = tmp_path / name
+    assert toy_train.main(["--out", str(out), *args]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- loss averaging
+def sgd_update(batches) -> dict:
+    """The weight change of one step with SGD(lr=1), i.e. minus the step's gradient."""
+    model = toy_train.build_model(0)
+    masters = MasterWeights(model, torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(masters.masters, lr=1.0)
+    train_step(model, batches, masters=masters, optimizer=optimizer, scaler=LossScaler(enabled=False), lr=1.0,
+               max_grad_norm=0.0, runtime=CPU)
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def test_step_gradient_does_not_depend_on_the_micro_batch_split():
+    examples = toy_train.make_examples(4, seed=3)  # lengths differ, so per-micro-batch means would differ
+    assert len({len(e["input_ids"]) for e in examples}) > 1
+    whole = sgd_update([toy_train.collate(examples)])
+    for size in (1, 2):
+        split = sgd_update([toy_train.collate(examples[i:i + size]) for i in range(0, 4, size)])
+        assert max_diff(whole, split) < 1e-6
+
+
+def test_mean_of_micro_batch_means_would_differ():
+    """The test above is sensitive: averaging per-micro-batch means changes the gradient."""
+    examples = toy_train.make_examples(4, seed=3)
+    whole = sgd_update([toy_train.collate(examples)])
+    per_example = [sgd_update([toy_train.collate([e])]) for e in examples]
+    mean_of_means = {k: sum(u[k] for u in per_example) / 4 for k in whole}
+    assert max_diff(whole, mean_of_means) > 1e-4
+
+
+# ----------------------------------------------------------------------------- batch semantics
+def test_a_step_has_the_same_examples_however_it_is_split():
+    lengths = [i % 7 for i in range(40)]
+    for step in range(12):  # crosses epoch boundaries (40 // 8 = 5 steps per epoch)
+        indices = step_examples(step, n_examples=40, global_batch=8, seed=5)
+        for world, batch, accum in [(1, 8, 1), (1, 2, 4), (2, 4, 1), (2, 1, 4), (4, 2, 1)]:
+            parts = [mb for r in range(world) for mb in micro_batches(indices, lengths, rank=r, batch_size=batch,
+                                                                    grad_accum=accum)]
+            assert all(len(mb) == batch for mb in parts)
+            assert sorted(i for mb in parts for i in mb) == sorted(indices)
+
+
+def test_an_epoch_sees_each_example_once_and_epochs_reshuffle():
+    epoch0 = [i for s in range(5) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
+    epoch1 = [i for s in range(5, 10) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(40))
+    assert epoch0 != epoch1
+
+
+def test_4x1_2x2_1x4_train_the_same_model(tmp_path):
+    runs = [run_toy(tmp_path, f"b{b}a{a}", "--steps", "6", "--batch-size", str(b), "--grad-accum", str(a))
+            for b, a in [(4, 1), (2, 2), (1, 4)]]
+    assert max_diff(final_weights(runs[0]), final_weights(runs[1])) < 1e-5
+    assert max_diff(final_weights(runs[0]), final_weights(runs[2])) < 1e-5
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    single = run_toy(tmp_path, "single", "--steps", "5", "--batch-size", "4", "--eval-every", "5")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TOY),
+           "--out", str(tmp_path / "ddp"), "--steps", "5", "--batch-size", "2", "--eval-every", "5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert max_diff(final_weights(single), final_weights(tmp_path / "ddp")) < 1e-5
+    a = json.loads((single / "summary.json").read_text())
+    b = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert b["world_size"] == 2 and b["global_batch"] == a["global_batch"] == 4
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)  # validation is sharded and summed too
+
+
+# ----------------------------------------------------------------------------- precision end to end
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+def test_low_precision_follows_the_fp32_loss_curve(tmp_path, policy):
+    """Stated tolerance: per-step losses within 0.02 of fp32's over 20 steps (the loss falls ~0.6)."""
+    args = ["--steps", "20", "--lr", "3e-3", "--n-val", "0"]
+    reference = losses(run_toy(tmp_path, "fp32", *args))
+    low = losses(run_toy(tmp_path, policy, *args, "--precision", policy))
+    assert reference[0] - reference[-1] > 0.3  # it did learn
+    assert max(abs(a - b) for a, b in zip(reference, low)) < 0.02
+
+
+# ----------------------------------------------------------------------------- resume
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
+    args = ["--steps", "8", "--save-every", "3", "--eval-every", "2", "--precision", "bf16"]
+    straight = run_toy(tmp_path, "straight", *args)
+    # collate calls: steps 1-2, eval (2 calls), steps 3-4, eval, step 5 -> SIGTERM arrives during step 5
+    stopped = run_toy(tmp_path, "stopped", *args, "--term-at", "9")
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 5
+    assert (stopped / "checkpoints" / "step-000005").is_dir()
+    run_toy(tmp_path, "stopped", *args, "--resume")
+    assert losses(stopped) == losses(straight)  # bitwise: same data order, RNG, optimizer state
+    assert max_diff(final_weights(stopped), final_weights(straight)) == 0.0
+
+
+def test_resume_after_kill_9_from_the_last_periodic_checkpoint(tmp_path):
+    args = ["--steps", "8", "--save-every", "3", "--n-val", "0"]
+    straight = run_toy(tmp_path, "straight", *args)
+    out = str(tmp_path / "killed")
+    killed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--kill-at", "8"], timeout=120)
+    assert killed.returncode == -9
+    assert [p.name for p in sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))] == ["step-000003",
+                                                                                            "step-000006"]
+    assert len(losses(out)) == 7  # step 8's record never got written
+    resumed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--resume"], timeout=120)
+    assert resumed.returncode == 0
+    assert losses(out) == losses(straight)
+    assert max_diff(final_weights(out), final_weights(straight)) == 0.0
+
+
+def test_checkpoints_keep_the_last_k_and_the_run_folder_is_complete(tmp_path):
+    out = run_toy(tmp_path, "run", "--steps", "7", "--save-every", "2", "--eval-every", "3")
+    assert [p.name for p in sorted((out / "checkpoints").glob("*"))] == ["step-000006", "step-000007"]
+    assert not list((out / "checkpoints").glob(".*"))  # no temporaries left behind
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 7
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 7 and summary["tokens"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert {"loss", "lr", "grad_norm", "loss_scale", "tokens_per_s"} <= records[0].keys()
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 7]
+
+
+# ----------------------------------------------------------------------------- early stopping
+def noise_examples(n: int, seed: int) -> list[dict]:
+    """Sequences of independent tokens from a skewed distribution over 16 ids: nothing to learn
+    beyond the unigram frequencies, so whatever else a model learns is memorisation."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, 17)
+    ids = torch.multinomial(weights, n * 24, replacement=True, generator=g).view(n, 24).tolist()
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def test_early_stopping_stops_at_the_patience_limit_and_restores_the_best(tmp_path):
+    """Memorising 8 sequences of random tokens: validation loss on other such sequences first falls
+    (the model learns the unigram frequencies) and then rises. The run must stop `patience` evaluations after its
+    best one and end with the best weights."""
+    model = toy_train.build_model(0)
+    val = noise_examples(8, seed=1)
+    options = TrainOptions(steps=200, batch_size=8, lr=1e-2, eval_every=2, patience=3, schedule="constant",
+                           weight_decay=0.0)
+    summary = train(model, noise_examples(8, seed=0), toy_train.collate, options=options, runtime=CPU,
+                    run_dir=tmp_path, val_set=val, progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert summary["status"] == "early_stopped"
+    assert evals[0][1] > best < evals[-1][1]  # it improved first, then overfitted
+    assert summary["steps"] == best_step + 3 * 2 == evals[-1][0]  # three evaluations without improvement
+    assert summary["best_step"] == best_step and summary["restored_best"]
+    assert evaluate(model, val, toy_train.collate, batch_size=8, runtime=CPU) == pytest.approx(best, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = toy_train.build_model(0)
+    calls = 0
+
+    def poisoning_collate(examples):
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # before step 4: a NaN weight, as a diverged update would leave
+            with torch.no_grad():
+                model.norm.weight[0] = float("nan")
+        return toy_train.collate(examples)
+    options = TrainOptions(steps=6, save_every=3)
+    with pytest.raises(UserError, match=r"step 4: the loss or gradients became non-finite .*step-000003"):
+        train(model, toy_train.make_examples(16, 0), poisoning_collate, options=options, runtime=CPU,
+              run_dir=tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003"]
+
+
+def test_resume_of_a_missing_or_empty_folder_is_a_user_error(tmp_path):
+    args = ["--out", str(tmp_path / "nowhere"), "--resume"]
+    with pytest.raises(UserError, match="no such folder"):
+        train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate, options=TrainOptions(),
+              runtime=CPU, run_dir=tmp_path / "nowhere", resume=True, progress=False)
+    assert toy_train.main(args) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate, options=TrainOptions(),
+              runtime=CPU, run_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+def test_resume_with_a_different_model_is_a_user_error(tmp_path):
+    run_toy(tmp_path, "run", "--steps", "2")
+    with pytest.raises(UserError, match="different model"):
+        train(toy_train.build_model(0, frozen="embed_tokens"), toy_train.make_examples(32, 0), toy_train.collate,
+              options=TrainOptions(steps=4), runtime=CPU, run_dir=tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
+    run_toy(tmp_path, "run", "--steps", "2")
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+        train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
+              options=TrainOptions(steps=2), runtime=CPU, run_dir=tmp_path / "run", progress=False)
+
+
+def test_bad_options_are_user_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="--device tpu"):
+        resolve_device("tpu")
+    with pytest.raises(UserError, match="--batch-size"):
+        TrainOptions(batch_size=0)
+    with pytest.raises(UserError, match="fewer than one step"):
+        train(toy_train.build_model(0), toy_train.make_examples(3, 0), toy_train.collate,
+              options=TrainOptions(batch_size=4), runtime=CPU, run_dir=tmp_path / "small", progress=False)
+    assert toy_train.main(["--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
+    assert "error: --precision fp8: unknown" in capsys.readouterr().err
+
+
+def test_all_masked_step_is_refused():
+    model = toy_train.build_model(0)
+    masters = MasterWeights(model, torch.float32)
+    batch = toy_train.collate(toy_train.make_examples(2, 0))
+    batch["labels"].fill_(IGNORE_INDEX)
+    with pytest.raises(UserError, match="no target tokens"):
+        train_step(model, [batch], masters=masters, optimizer=torch.optim.SGD(masters.masters, lr=1.0),
+                   scaler=LossScaler(enabled=False), lr=1.0, max_grad_norm=1.0, runtime=CPU)
