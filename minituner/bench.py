@@ -1,10 +1,15 @@
 """Benchmarks: throughput and peak memory, measured rather than asserted in tests.
 
-    python -m minituner.bench                      # random-weight SmolLM-135M shape, CPU or CUDA
+    python -m minituner.bench                      # generation, random-weight SmolLM-135M shape
     python -m minituner.bench --model PATH         # any Hugging Face model folder
+    python -m minituner.bench --train --dtype bf16 # full fine-tuning steps, bf16 compute
 
-Reports prefill (one forward over the prompts) and cached decoding in tokens per second, and
-the peak memory: allocated CUDA memory on a GPU, the process's peak resident set on a CPU.
+Generation reports prefill (one forward over the prompts) and cached decoding in tokens per
+second. Training reports tokens per second of whole optimizer steps (forward, backward, fp32
+master update) through trainer.train_step, and on CUDA the model FLOPs utilisation: the FLOPs
+of 6 N per token (forward 2 N, backward 4 N) plus attention's 12 x layers x dim x seq_len
+(PaLM, Chowdhery et al. 2022, appendix B), against the GPU's dense peak. Both report the peak
+memory: allocated CUDA memory on a GPU, the process's peak resident set on a CPU.
 """
 
 import argparse
@@ -17,9 +22,13 @@ import torch
 from minituner.checkpoint import load_pretrained
 from minituner.config import ModelConfig
 from minituner.errors import UserError
-from minituner.distributed import peak_memory_mib, resolve_device, synchronize
+from minituner.distributed import Runtime, peak_memory_mib, resolve_device, synchronize
 from minituner.generate import DTYPES, generate, resolve_dtype
+from minituner.loss import IGNORE_INDEX
 from minituner.model import Transformer
+from minituner.optim import build_optimizer
+from minituner.precision import LossScaler, MasterWeights, compute_dtype
+from minituner.trainer import train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
 PRESETS = {
@@ -56,6 +65,50 @@ def bench_inference(model: Transformer, *, batch_size: int, prompt_len: int, new
     }
 
 
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name, from the vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+               "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len: int, repeats: int) -> dict:
+    """Best-of-`repeats` throughput of full fine-tuning steps of `model` (float32) on random ids."""
+    device = model.embed_tokens.weight.device
+    masters = MasterWeights(model, compute_dtype(policy, device))
+    optimizer = build_optimizer(masters.named_masters(), lr=1e-5, weight_decay=0.0)
+    scaler = LossScaler(enabled=policy == "fp16")
+    runtime = Runtime(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    batch["labels"][:, 0] = IGNORE_INDEX
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first step warms up kernels and allocates optimizer state
+        synchronize(device)
+        start = time.perf_counter()
+        train_step(model, [batch], masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-5, max_grad_norm=1.0,
+                   runtime=runtime)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_s = batch_size * seq_len / best
+    c = model.config
+    flops_per_token = 6 * n_params + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+    peak = peak_tflops(device)
+    return {
+        "params_m": round(n_params / 1e6, 2), "trainable_m": round(sum(m.numel() for m in masters.masters) / 1e6, 2),
+        "batch_size": batch_size, "seq_len": seq_len, "step_s": round(best, 4),
+        "train_tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(flops_per_token * tokens_per_s / (peak * 1e12), 4) if peak else None,
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+    }
+
+
 def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A randomly initialised model built directly in `dtype` on `device` (no float32 copy first,
     which would inflate the measured peak memory)."""
@@ -78,6 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; the best is reported")
+    p.add_argument("--train", action="store_true",
+                   help="measure full fine-tuning steps (batch of --batch-size x --prompt-len tokens) instead of "
+                        "generation; --dtype is then the precision policy, with fp32 master weights")
+    p.add_argument("--freeze", default="", help="with --train: comma-separated name fragments of parameters to "
+                                                "freeze, e.g. 'layers.' (frozen weights get no master, no state)")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on CUDA, fp32 on CPU")
@@ -96,17 +154,26 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
+        load_dtype = torch.float32 if args.train else dtype  # training keeps float32 masters of every weight
         if args.model:
-            model, _ = load_pretrained(args.model, device=device, dtype=dtype)
+            model, _ = load_pretrained(args.model, device=device, dtype=load_dtype)
         else:
-            model = random_model(ModelConfig(**PRESETS[args.preset]), device, dtype)
+            model = random_model(ModelConfig(**PRESETS[args.preset]), device, load_dtype)
         if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
             raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
                             f"{model.config.max_seq_len} positions")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
-                                 new_tokens=args.new_tokens, repeats=args.repeats)
+        if args.train:
+            policy = next(name for name, d in DTYPES.items() if d == dtype)
+            fragments = [f for f in args.freeze.split(",") if f]
+            for name, p in model.named_parameters():
+                p.requires_grad_(not any(f in name for f in fragments))
+            result = bench_training(model.train(), policy=policy, batch_size=args.batch_size,
+                                    seq_len=args.prompt_len, repeats=args.repeats)
+        else:
+            result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                                     new_tokens=args.new_tokens, repeats=args.repeats)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,8 +68,10 @@ class MasterWeights:
             model.float()
             self.masters = self.params  # fp32 parameters are their own masters
         else:
-            self.masters = [nn.Parameter(p.detach().float().clone()) for p in self.params]
-            model.to(dtype)  # nn.Module.to keeps the Parameter objects, so self.params stay valid
+            # No clone: a float32 parameter's storage becomes its master as model.to() gives the
+            # parameter a new, compute-dtype tensor (Module.to keeps the Parameter objects).
+            self.masters = [nn.Parameter(p.detach().float()) for p in self.params]
+            model.to(dtype)
 
     def named_masters(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.names, self.masters))

@@ -32,6 +32,7 @@ def test_fp32_master_accumulates_updates_below_bf16_resolution():
     assert naive.item() == 1.0  # the bf16-only update never moved the weight
     assert masters.masters[0].item() == pytest.approx(0.9, abs=1e-5)
     assert layer.weight.dtype == torch.bfloat16
+    assert layer.weight.data_ptr() != masters.masters[0].data_ptr()
     assert layer.weight.item() == pytest.approx(0.9, abs=2**-8)
 
 

@@ -122,6 +122,15 @@ def test_low_precision_follows_the_fp32_loss_curve(tmp_path, policy):
     assert max(abs(a - b) for a, b in zip(reference, low)) < 0.02
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["fp32", "bf16", "fp16"])
+def test_training_on_cuda_follows_cpu(tmp_path, policy):
+    args = ["--steps", "10", "--lr", "3e-3", "--n-val", "0"]
+    cpu = losses(run_toy(tmp_path, "cpu", *args))
+    cuda = losses(run_toy(tmp_path, policy, *args, "--device", "cuda", "--precision", policy))
+    assert max(abs(a - b) for a, b in zip(cpu, cuda)) < 0.02
+
+
 # ----------------------------------------------------------------------------- resume
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     args = ["--steps", "8", "--save-every", "3", "--eval-every", "2", "--precision", "bf16"]
