@@ -242,10 +242,11 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     seed_everything(o.seed + runtime.rank)  # ranks draw different dropout masks, as they see different data
 
     state = {"step": 0, "updates": 0, "skipped_steps": 0, "tokens": 0, "target_tokens": 0, "status": "running",
+             "global_batch": global_batch, "seed": o.seed, "epoch": 0, "examples_seen": 0,
              "train_loss": None, "eval_loss": None, "best_eval_loss": None, "best_step": None, "bad_evals": 0,
              "run_config": run_config}
     if resume:
-        state = _resume(run_dir, masters, optimizer, scaler, runtime)
+        state = _resume(run_dir, masters, optimizer, scaler, runtime, global_batch=global_batch, seed=o.seed)
     elif runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
@@ -280,6 +281,8 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             state["tokens"] += out["tokens"]
             state["target_tokens"] += out["target_tokens"]
             state["train_loss"] = out["loss"]
+            state["examples_seen"] += global_batch  # the data position: step s starts at example s x global_batch
+            state["epoch"] = state["step"] // steps_per_epoch(len(train_set), global_batch)
             record = {"step": state["step"], "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                       "loss_scale": loss_scale, "skipped": out["skipped"], "tokens_per_s": out["tokens"] / seconds}
             done = state["step"] == total_steps
@@ -360,10 +363,16 @@ def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler:
         prune_checkpoints(run_dir, keep)
 
 
-def _resume(run_dir: Path, masters: MasterWeights, optimizer, scaler: LossScaler, runtime: Runtime) -> dict:
+def _resume(run_dir: Path, masters: MasterWeights, optimizer, scaler: LossScaler, runtime: Runtime, *,
+            global_batch: int, seed: int) -> dict:
     """Load the newest checkpoint of `run_dir` into the masters, optimizer, scaler and RNGs."""
     path = latest_checkpoint(run_dir)
     ckpt = load_checkpoint(path)
+    saved = ckpt["state"]
+    if (saved.get("global_batch"), saved.get("seed")) != (global_batch, seed):
+        raise UserError(f"{path}: trained with a global batch of {saved.get('global_batch')} examples and seed "
+                        f"{saved.get('seed')}, this run has {global_batch} and {seed}; resume with the same "
+                        "--seed and --batch-size x --grad-accum x processes, or the data order changes")
     masters.load_state_dict(ckpt["weights"], source=str(path))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])

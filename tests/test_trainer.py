@@ -242,6 +242,14 @@ def test_resume_with_a_different_model_is_a_user_error(tmp_path):
               options=TrainOptions(steps=4), runtime=CPU, run_dir=tmp_path / "run", resume=True, progress=False)
 
 
+def test_resume_with_another_global_batch_is_a_user_error_but_another_split_is_fine(tmp_path):
+    straight = run_toy(tmp_path, "straight", "--steps", "4", "--n-val", "0")
+    out = run_toy(tmp_path, "run", "--steps", "4", "--n-val", "0", "--term-at", "2")  # stops after step 2
+    assert toy_train.main(["--out", str(out), "--steps", "4", "--n-val", "0", "--batch-size", "2", "--resume"]) == 2
+    run_toy(tmp_path, "run", "--steps", "4", "--n-val", "0", "--batch-size", "2", "--grad-accum", "2", "--resume")
+    assert max_diff(final_weights(out), final_weights(straight)) < 1e-5
+
+
 def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
     run_toy(tmp_path, "run", "--steps", "2")
     with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
