@@ -34,7 +34,8 @@ def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
     if policy not in POLICIES:
         raise UserError(f"--precision {policy}: unknown; choose one of {', '.join(POLICIES)}")
     dtype = POLICIES[policy]
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    native_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == torch.bfloat16 and not native_bf16:  # pre-Ampere GPUs only emulate it, slowly
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                         "use --precision fp16 or fp32")
     if dtype != torch.float32:

@@ -111,8 +111,10 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: incomplete checkpoint (state.json or trainable.safetensors missing)")
     try:
         weights = load_file(path / "trainable.safetensors")
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").is_file() else None
-        rng = torch.load(path / "rng.pt", weights_only=True) if (path / "rng.pt").is_file() else None
+        # map_location: a run saved on GPUs may resume elsewhere; load_state_dict moves state to its params
+        optimizer = (torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                     if (path / "optimizer.pt").is_file() else None)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) if (path / "rng.pt").is_file() else None
     except Exception as e:  # a truncated or foreign file: safetensors and torch raise various types
         raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
     return {"weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
