@@ -6,9 +6,10 @@
 
 Generation reports prefill (one forward over the prompts) and cached decoding in tokens per
 second. Training reports tokens per second of whole optimizer steps (forward, backward, fp32
-master update) through trainer.train_step, and on CUDA the model FLOPs utilisation: the FLOPs
-of 6 N per token (forward 2 N, backward 4 N) plus attention's 12 x layers x dim x seq_len
-(PaLM, Chowdhery et al. 2022, appendix B), against the GPU's dense peak. Both report the peak
+master update) through trainer.train_step, and on CUDA in bf16/fp16 the model FLOPs
+utilisation: 6 FLOPs per token per trained weight (forward 2, backward 4; a frozen weight 4)
+plus attention's 12 x layers x dim x seq_len (PaLM, Chowdhery et al. 2022, appendix B),
+against the GPU's dense peak. Both report the peak
 memory: allocated CUDA memory on a GPU, the process's peak resident set on a CPU.
 """
 
@@ -96,12 +97,15 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(m.numel() for m in masters.masters)
     tokens_per_s = batch_size * seq_len / best
     c = model.config
-    flops_per_token = 6 * n_params + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-    peak = peak_tflops(device)
+    # A trained weight costs 6 FLOPs per token (forward, input gradient, weight gradient), a frozen
+    # one 4 (no weight gradient). MFU is against the dense bf16/fp16 peak, so not given for fp32.
+    flops_per_token = 6 * n_trained + 4 * (n_params - n_trained) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+    peak = peak_tflops(device) if policy != "fp32" else None
     return {
-        "params_m": round(n_params / 1e6, 2), "trainable_m": round(sum(m.numel() for m in masters.masters) / 1e6, 2),
+        "params_m": round(n_params / 1e6, 2), "trainable_m": round(n_trained / 1e6, 2),
         "batch_size": batch_size, "seq_len": seq_len, "step_s": round(best, 4),
         "train_tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(flops_per_token * tokens_per_s / (peak * 1e12), 4) if peak else None,

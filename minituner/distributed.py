@@ -44,6 +44,9 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: minituner runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"numbered from cuda:0")
     return device
 
 

@@ -8,14 +8,18 @@
         optimizer.pt                 the optimizer's state (AdamW moments and step counts)
         rng.pt                       RNG states of torch, CUDA, numpy and Python, one per rank
         state.json                   step, loss scaler, early-stopping record, run config
-    RUN/checkpoints/best/            trainable.safetensors + state.json of the best evaluation
+    RUN/checkpoints/best-000100/     trainable.safetensors + state.json of the best evaluation
+                                     so far (kept only with early stopping on)
 
 Frozen weights are not stored: they are the base model's, which the run config names.
 Every file is written into a temporary folder that is renamed into place only when complete
-(a rename is atomic), so a run killed at any moment leaves each checkpoint whole or absent.
+(a rename is atomic), and a newer checkpoint is complete before an older one is deleted, so a
+run killed at any moment leaves each checkpoint whole or absent. All ranks read the run folder
+on resume, so a multi-node run needs it on a filesystem every node shares.
 """
 
 import json
+import math
 import os
 import random
 import shutil
@@ -28,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from minituner.errors import UserError, read_json
 
 CHECKPOINTS = "checkpoints"
-BEST = "best"
 
 
 def write_json(path, data: dict) -> None:
@@ -54,17 +57,19 @@ def read_run_config(run_dir) -> dict:
     return config
 
 
-def checkpoint_path(run_dir, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+def checkpoint_path(run_dir, step: int, kind: str = "step") -> Path:
+    """RUN/checkpoints/step-NNNNNN (periodic) or best-NNNNNN (best evaluation)."""
+    return Path(run_dir) / CHECKPOINTS / f"{kind}-{step:06d}"
 
 
-def list_checkpoints(run_dir) -> list[Path]:
-    """Complete periodic checkpoints of a run, oldest first."""
+def list_checkpoints(run_dir, kind: str = "step") -> list[Path]:
+    """Complete checkpoints of one kind, oldest first."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    prefix = len(kind) + 1
+    found = [p for p in folder.glob(f"{kind}-*") if p.name[prefix:].isdigit() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[prefix:]))
 
 
 def latest_checkpoint(run_dir) -> Path:
@@ -74,13 +79,13 @@ def latest_checkpoint(run_dir) -> Path:
     found = list_checkpoints(run_dir)
     if not found:
         raise UserError(f"--resume {run_dir}: the run has no checkpoint to resume from "
-                        f"(none in {run_dir / CHECKPOINTS}); start it again without --resume")
+                        f"(none in {run_dir / CHECKPOINTS}); start it over without --resume")
     return found[-1]
 
 
 def save_checkpoint(path: Path, *, weights: dict[str, torch.Tensor], state: dict, optimizer: dict | None = None,
                     rng: list | None = None) -> None:
-    """Write a checkpoint folder atomically, replacing an older one of the same name."""
+    """Write a checkpoint folder atomically (a folder of the same name is replaced)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
@@ -120,30 +125,31 @@ def load_checkpoint(path: Path) -> dict:
     return {"weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
 
 
-def prune_checkpoints(run_dir, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints (`best/` is never pruned)."""
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+def prune_checkpoints(run_dir, keep: int, kind: str = "step") -> None:
+    """Delete all but the newest `keep` checkpoints of one kind."""
+    for old in list_checkpoints(run_dir, kind)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def rng_state() -> dict:
-    """Every random generator a step may draw from (dropout, shuffles, sampling)."""
+def rng_state(device: torch.device) -> dict:
+    """Every random generator a step may draw from (dropout, shuffles, sampling): the CPU's, and
+    this process's GPU's when it trains on one (asking a CPU run for it would start CUDA)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
                       "cached": cached}  # tensors and plain numbers, so torch.load(weights_only=True) reads it
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class MetricsLog:
@@ -163,9 +169,14 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
+        """Append `record`; a non-finite number (an fp16 overflow's gradient norm) becomes null,
+        since JSON has no inf or nan."""
         if self.enabled:
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(clean) + "\n")

@@ -28,7 +28,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from minituner.errors import UserError
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
-from minituner.state import (BEST, CHECKPOINTS, MetricsLog, checkpoint_path, latest_checkpoint, load_checkpoint,
+from minituner.state import (MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                              prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
 
 
@@ -84,8 +84,8 @@ class TrainOptions:
         if self.lr <= 0 or self.warmup_steps < 0 or self.schedule not in ("cosine", "linear", "constant"):
             raise UserError(f"bad schedule: --lr {self.lr} must be > 0, --warmup-steps {self.warmup_steps} >= 0, "
                             f"--schedule {self.schedule} one of cosine, linear, constant")
-        if min(self.eval_every, self.save_every, self.patience) < 0 or self.keep_checkpoints < 1:
-            raise UserError("--eval-every, --save-every and --patience must be >= 0, --keep-checkpoints >= 1")
+        if min(self.eval_every, self.save_every, self.patience, self.seed) < 0 or self.keep_checkpoints < 1:
+            raise UserError("--eval-every, --save-every, --patience and --seed must be >= 0, --keep-checkpoints >= 1")
 
 
 # ----------------------------------------------------------------------------- data order
@@ -227,8 +227,10 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     """
     o, run_dir = options, Path(run_dir)
     dtype = compute_dtype(o.precision, runtime.device)
-    if not resume:
-        _check_fresh(run_dir)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("no parameter of the model is trainable: every weight is frozen")
+    if not resume and runtime.is_main:
+        _start_fresh(run_dir, run_config)
     model.to(runtime.device)
     masters = MasterWeights(model, dtype)  # casts the model to `dtype`; fp32 copies of what trains
     broadcast_(masters.masters, runtime)  # every rank starts from rank 0's weights
@@ -237,25 +239,26 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
                                 decay_embeddings=o.decay_embeddings)
     scaler = LossScaler(enabled=o.precision == "fp16", init_scale=o.init_scale, growth_interval=o.growth_interval)
     global_batch = o.batch_size * o.grad_accum * runtime.world_size
-    total_steps = o.steps or math.ceil(o.epochs * steps_per_epoch(len(train_set), global_batch))
+    per_epoch = steps_per_epoch(len(train_set), global_batch)
+    total_steps = o.steps or math.ceil(o.epochs * per_epoch)
     lengths = [len(example["input_ids"]) for example in train_set]
     seed_everything(o.seed + runtime.rank)  # ranks draw different dropout masks, as they see different data
-
+    # What fixes the sequence of steps; a resumed run must match it to continue exactly.
+    trajectory = {"examples": len(train_set), "global_batch": global_batch, "total_steps": total_steps,
+                  "seed": o.seed, "precision": o.precision, "lr": o.lr, "warmup_steps": o.warmup_steps,
+                  "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio}
     state = {"step": 0, "updates": 0, "skipped_steps": 0, "tokens": 0, "target_tokens": 0, "status": "running",
-             "global_batch": global_batch, "seed": o.seed, "epoch": 0, "examples_seen": 0,
-             "train_loss": None, "eval_loss": None, "best_eval_loss": None, "best_step": None, "bad_evals": 0,
-             "run_config": run_config}
+             "epoch": 0, "examples_seen": 0, "train_loss": None, "eval_loss": None, "best_eval_loss": None,
+             "best_step": None, "bad_evals": 0, "trajectory": trajectory, "run_config": run_config}
     if resume:
-        state = _resume(run_dir, masters, optimizer, scaler, runtime, global_batch=global_batch, seed=o.seed)
-    elif runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if run_config is not None:
-            write_json(run_dir / "config.json", run_config)
+        state = _resume(run_dir, trajectory, masters, optimizer, scaler, runtime)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main,
                          resume_step=state["step"] if resume else None)
+    if val_set is not None and not resume:  # the starting point, and a check of the validation set
+        metrics.write({"step": 0, **_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir,
+                                                        runtime)})
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (progress and runtime.is_main))
-    n_trainable = sum(m.numel() for m in masters.masters)
     start, tokens_before = time.perf_counter(), state["tokens"]
     model.train()
     with StopRequest() as stop:
@@ -272,19 +275,10 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             out = train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=lr,
                              max_grad_norm=o.max_grad_norm, runtime=runtime)
             synchronize(runtime.device)
-            seconds = time.perf_counter() - t0
             if out["skipped"] and not scaler.enabled:
                 raise _diverged(out, state, run_dir, o.precision)
-            state["step"] += 1
-            state["updates"] += not out["skipped"]
-            state["skipped_steps"] += out["skipped"]
-            state["tokens"] += out["tokens"]
-            state["target_tokens"] += out["target_tokens"]
-            state["train_loss"] = out["loss"]
-            state["examples_seen"] += global_batch  # the data position: step s starts at example s x global_batch
-            state["epoch"] = state["step"] // steps_per_epoch(len(train_set), global_batch)
-            record = {"step": state["step"], "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-                      "loss_scale": loss_scale, "skipped": out["skipped"], "tokens_per_s": out["tokens"] / seconds}
+            record = _account(state, out, lr=lr, loss_scale=loss_scale, seconds=time.perf_counter() - t0,
+                              global_batch=global_batch, steps_per_epoch=per_epoch)
             done = state["step"] == total_steps
             if val_set is not None and (done or (o.eval_every and state["step"] % o.eval_every == 0)):
                 record.update(_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime))
@@ -293,30 +287,49 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             bar.set_postfix(_postfix(record, state), refresh=False)
             if _agreed(stop.requested, runtime):
                 state["status"] = "interrupted"
-            save_now = o.save_every and state["step"] % o.save_every == 0
-            if done or save_now or state["status"] != "running":
+            if done or (o.save_every and state["step"] % o.save_every == 0) or state["status"] != "running":
                 _save(run_dir, state, masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
     bar.close()
     if state["status"] == "running":
         state["status"] = "completed"
     restored = _restore_best(run_dir, state, masters, o, runtime)
-    wall = time.perf_counter() - start
-    summary = {"status": state["status"], "steps": state["step"], "total_steps": total_steps,
-               "optimizer_steps": state["updates"], "skipped_steps": state["skipped_steps"],
-               "train_loss": state["train_loss"],
-               "eval_loss": state["eval_loss"], "eval_ppl": _ppl(state["eval_loss"]),
-               "best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"], "restored_best": restored,
-               "tokens": state["tokens"], "target_tokens": state["target_tokens"], "wall_time_s": round(wall, 3),
-               "tokens_per_s": round((state["tokens"] - tokens_before) / max(wall, 1e-9), 1),
-               "peak_memory_mib": round(peak_memory_mib(runtime.device), 1), "precision": o.precision,
-               "trainable_params": n_trainable, "total_params": sum(p.numel() for p in model.parameters()),
-               "global_batch": global_batch, "world_size": runtime.world_size}
+    summary = _summary(state, model, masters, o, runtime, restored=restored, total_steps=total_steps,
+                       global_batch=global_batch, wall=time.perf_counter() - start, tokens_before=tokens_before)
     if runtime.is_main:
         write_json(run_dir / "summary.json", summary)
     return summary
 
 
 # ----------------------------------------------------------------------------- loop helpers
+def _account(state: dict, out: dict, *, lr: float, loss_scale: float, seconds: float, global_batch: int,
+             steps_per_epoch: int) -> dict:
+    """Count a finished step into the run state; return its metrics record."""
+    state["step"] += 1
+    state["updates"] += not out["skipped"]
+    state["skipped_steps"] += out["skipped"]
+    state["tokens"] += out["tokens"]
+    state["target_tokens"] += out["target_tokens"]
+    state["train_loss"] = out["loss"]
+    state["examples_seen"] += global_batch  # the data position: step s starts at example s x global_batch
+    state["epoch"] = state["step"] // steps_per_epoch
+    return {"step": state["step"], "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+            "loss_scale": loss_scale, "skipped": out["skipped"], "tokens_per_s": out["tokens"] / seconds}
+
+
+def _summary(state: dict, model, masters: MasterWeights, o: TrainOptions, runtime: Runtime, *, restored: bool,
+             total_steps: int, global_batch: int, wall: float, tokens_before: int) -> dict:
+    return {"status": state["status"], "steps": state["step"], "total_steps": total_steps,
+            "optimizer_steps": state["updates"], "skipped_steps": state["skipped_steps"],
+            "train_loss": state["train_loss"], "eval_loss": state["eval_loss"], "eval_ppl": _ppl(state["eval_loss"]),
+            "best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"], "restored_best": restored,
+            "tokens": state["tokens"], "target_tokens": state["target_tokens"], "wall_time_s": round(wall, 3),
+            "tokens_per_s": round((state["tokens"] - tokens_before) / max(wall, 1e-9), 1),
+            "peak_memory_mib": round(peak_memory_mib(runtime.device), 1), "precision": o.precision,
+            "trainable_params": sum(m.numel() for m in masters.masters),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "global_batch": global_batch, "world_size": runtime.world_size}
+
+
 def _ppl(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 700.0))  # exp overflows past ~709
 
@@ -330,58 +343,56 @@ def _postfix(record: dict, state: dict) -> dict:
     return shown
 
 
-def _check_fresh(run_dir: Path) -> None:
-    """A new run must not append to, or prune the checkpoints of, an earlier run."""
-    if (run_dir / CHECKPOINTS).exists() or (run_dir / "metrics.jsonl").exists():
+def _start_fresh(run_dir: Path, run_config: dict | None) -> None:
+    """Begin a new run in `run_dir`, which must not hold a run's checkpoints. The files of a run
+    that died before its first checkpoint are replaced: nothing of it could be resumed."""
+    if list_checkpoints(run_dir) or list_checkpoints(run_dir, "best"):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                         "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    if run_config is not None:
+        write_json(run_dir / "config.json", run_config)
 
 
 def _diverged(out: dict, state: dict, run_dir: Path, precision: str) -> UserError:
-    step = state["step"] + 1
-    last = _last_checkpoint_or_none(run_dir)
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    return UserError(f"step {step}: the loss or gradients became non-finite (loss {out['loss']}, gradient norm "
-                     f"{out['grad_norm']}) in {precision}; training stopped and {kept}. "
+    found = list_checkpoints(run_dir)
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+    return UserError(f"step {state['step'] + 1}: the loss or gradients became non-finite (loss {out['loss']}, "
+                     f"gradient norm {out['grad_norm']}) in {precision}; training stopped and {kept}. "
                      "Lower --lr, keep --max-grad-norm on, or use --precision fp32")
-
-
-def _last_checkpoint_or_none(run_dir: Path):
-    try:
-        return latest_checkpoint(run_dir)
-    except UserError:
-        return None
 
 
 def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler: LossScaler, runtime: Runtime,
           *, keep: int) -> None:
     """A resumable checkpoint of the step just finished; every rank contributes its RNG state."""
-    rngs = all_gather_object(rng_state(), runtime)
+    rngs = all_gather_object(rng_state(runtime.device), runtime)
     if runtime.is_main:
         save_checkpoint(checkpoint_path(run_dir, state["step"]), weights=masters.state_dict(),
                         state={**state, "scaler": scaler.state_dict()}, optimizer=optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
 
 
-def _resume(run_dir: Path, masters: MasterWeights, optimizer, scaler: LossScaler, runtime: Runtime, *,
-            global_batch: int, seed: int) -> dict:
+def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, scaler: LossScaler,
+            runtime: Runtime) -> dict:
     """Load the newest checkpoint of `run_dir` into the masters, optimizer, scaler and RNGs."""
     path = latest_checkpoint(run_dir)
     ckpt = load_checkpoint(path)
-    saved = ckpt["state"]
-    if (saved.get("global_batch"), saved.get("seed")) != (global_batch, seed):
-        raise UserError(f"{path}: trained with a global batch of {saved.get('global_batch')} examples and seed "
-                        f"{saved.get('seed')}, this run has {global_batch} and {seed}; resume with the same "
-                        "--seed and --batch-size x --grad-accum x processes, or the data order changes")
+    state = ckpt["state"]
+    for key, value in trajectory.items():
+        saved = state.get("trajectory", {}).get(key)
+        if saved != value:
+            raise UserError(f"{path}: the run was started with {key} = {saved}, this one has {value}; resume "
+                            "with the run's own options (its config.json), or the steps would not continue it")
     masters.load_state_dict(ckpt["weights"], source=str(path))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
-    state = ckpt["state"]
     scaler.load_state_dict(state.pop("scaler"))
     if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
-        set_rng_state(ckpt["rng"][runtime.rank])
+        set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
     if state["status"] == "interrupted":
         state["status"] = "running"
     return state
@@ -395,8 +406,9 @@ def _evaluate_and_track(model, val_set, collate, state: dict, masters: MasterWei
     if state["best_eval_loss"] is None or loss < state["best_eval_loss"] - o.min_delta:
         state.update(best_eval_loss=loss, best_step=state["step"], bad_evals=0)
         if o.patience and runtime.is_main:
-            save_checkpoint(Path(run_dir) / CHECKPOINTS / BEST, weights=masters.state_dict(),
+            save_checkpoint(checkpoint_path(run_dir, state["step"], "best"), weights=masters.state_dict(),
                             state={"step": state["step"], "eval_loss": loss})
+            prune_checkpoints(run_dir, 1, "best")  # only after the new one is complete
     else:
         state["bad_evals"] += 1
         if o.patience and state["bad_evals"] >= o.patience:
@@ -408,7 +420,7 @@ def _restore_best(run_dir: Path, state: dict, masters: MasterWeights, o: TrainOp
     """With early stopping on, end on the best evaluation's weights. True if they were loaded."""
     if not o.patience or state["status"] == "interrupted" or state["best_step"] in (None, state["step"]):
         return False
-    _agreed(False, runtime)  # a barrier: rank 0 has finished writing best/
-    path = Path(run_dir) / CHECKPOINTS / BEST
+    _agreed(False, runtime)  # a barrier: rank 0 has finished writing the best checkpoint
+    path = checkpoint_path(run_dir, state["best_step"], "best")
     masters.load_state_dict(load_checkpoint(path)["weights"], source=str(path))
     return True

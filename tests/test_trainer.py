@@ -14,15 +14,20 @@ import toy_train
 from minituner.distributed import Runtime, resolve_device
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
+from minituner.optim import lr_at
 from minituner.precision import LossScaler, MasterWeights
+from minituner.state import read_run_config
 from minituner.trainer import TrainOptions, evaluate, micro_batches, step_examples, train, train_step
 
 CPU = Runtime(torch.device("cpu"))
 TOY = Path(toy_train.__file__)
+# Subprocesses import minituner from this checkout, whatever copy is installed.
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOY.parent.parent), os.environ.get("PYTHONPATH", "")])}
 
 
 def losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]  # the step-0 record holds only an evaluation
 
 
 def final_weights(run_dir) -> dict:
@@ -99,7 +104,7 @@ def test_4x1_2x2_1x4_train_the_same_model(tmp_path):
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     single = run_toy(tmp_path, "single", "--steps", "5", "--batch-size", "4", "--eval-every", "5")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TOY),
            "--out", str(tmp_path / "ddp"), "--steps", "5", "--batch-size", "2", "--eval-every", "5"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
@@ -131,12 +136,42 @@ def test_training_on_cuda_follows_cpu(tmp_path, policy):
     assert max(abs(a - b) for a, b in zip(cpu, cuda)) < 0.02
 
 
+def test_training_in_bf16_applies_updates_below_bf16_resolution(tmp_path):
+    """Adam moves each weight by about lr per step: 1e-4 is under half a bf16 ulp of the norm gains
+    (1.0), so only fp32 masters let those updates accumulate and reach the bf16 model."""
+    model = toy_train.build_model(0)
+    options = TrainOptions(steps=60, lr=1e-4, schedule="constant", weight_decay=0.0, precision="bf16")
+    train(model, toy_train.make_examples(32, 0), toy_train.collate, options=options, runtime=CPU,
+          run_dir=tmp_path, progress=False)
+    assert model.norm.weight.dtype == torch.bfloat16
+    master = final_weights(tmp_path)["norm.weight"]
+    assert (master - 1.0).abs().max() > 4e-3  # the masters moved by up to 60 x 1e-4
+    assert torch.equal(model.norm.weight, master.to(torch.bfloat16))  # and the model holds them, rounded
+    assert (model.norm.weight != 1.0).any()
+
+
+def test_overflowing_fp16_steps_leave_the_schedule_where_it_was(tmp_path):
+    out = run_toy(tmp_path, "fp16", "--steps", "30", "--precision", "fp16", "--init-scale", str(2.0**30),
+                  "--warmup-steps", "5", "--n-val", "0")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r["skipped"]]
+    assert len(skipped) >= 3 and all(r["skipped"] for r in records[:3])
+    updates = 0
+    for r in records:  # each step's lr is the schedule's value at the number of updates made so far
+        assert r["lr"] == pytest.approx(lr_at(updates, lr=1e-2, total_steps=30, warmup_steps=5, min_lr=1e-3))
+        updates += not r["skipped"]
+    assert [r["loss_scale"] for r in records[:3]] == [2.0**30, 2.0**29, 2.0**28]
+    assert skipped[0]["grad_norm"] is None  # inf is written as null: JSON has no inf
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == len(skipped) and summary["optimizer_steps"] == 30 - len(skipped)
+
+
 # ----------------------------------------------------------------------------- resume
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     args = ["--steps", "8", "--save-every", "3", "--eval-every", "2", "--precision", "bf16"]
     straight = run_toy(tmp_path, "straight", *args)
-    # collate calls: steps 1-2, eval (2 calls), steps 3-4, eval, step 5 -> SIGTERM arrives during step 5
-    stopped = run_toy(tmp_path, "stopped", *args, "--term-at", "9")
+    # collate calls: eval at step 0 (2 calls), steps 1-2, eval, steps 3-4, eval, step 5: SIGTERM during step 5
+    stopped = run_toy(tmp_path, "stopped", *args, "--term-at", "11")
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == 5
     assert (stopped / "checkpoints" / "step-000005").is_dir()
@@ -149,12 +184,14 @@ def test_resume_after_kill_9_from_the_last_periodic_checkpoint(tmp_path):
     args = ["--steps", "8", "--save-every", "3", "--n-val", "0"]
     straight = run_toy(tmp_path, "straight", *args)
     out = str(tmp_path / "killed")
-    killed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--kill-at", "8"], timeout=120)
+    killed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--kill-at", "8"], timeout=120,
+                            env=SUBPROCESS_ENV)
     assert killed.returncode == -9
     assert [p.name for p in sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))] == ["step-000003",
                                                                                             "step-000006"]
     assert len(losses(out)) == 7  # step 8's record never got written
-    resumed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--resume"], timeout=120)
+    resumed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--resume"], timeout=120,
+                             env=SUBPROCESS_ENV)
     assert resumed.returncode == 0
     assert losses(out) == losses(straight)
     assert max_diff(final_weights(out), final_weights(straight)) == 0.0
@@ -169,9 +206,9 @@ def test_checkpoints_keep_the_last_k_and_the_run_folder_is_complete(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 7 and summary["tokens"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 8))
-    assert {"loss", "lr", "grad_norm", "loss_scale", "tokens_per_s"} <= records[0].keys()
-    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 7]
+    assert [r["step"] for r in records] == list(range(0, 8))  # step 0: the evaluation before training
+    assert {"loss", "lr", "grad_norm", "loss_scale", "tokens_per_s"} <= records[1].keys()
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6, 7]
 
 
 # ----------------------------------------------------------------------------- early stopping
@@ -235,11 +272,10 @@ def test_resume_of_a_missing_or_empty_folder_is_a_user_error(tmp_path):
               runtime=CPU, run_dir=tmp_path / "empty", resume=True, progress=False)
 
 
-def test_resume_with_a_different_model_is_a_user_error(tmp_path):
-    run_toy(tmp_path, "run", "--steps", "2")
-    with pytest.raises(UserError, match="different model"):
-        train(toy_train.build_model(0, frozen="embed_tokens"), toy_train.make_examples(32, 0), toy_train.collate,
-              options=TrainOptions(steps=4), runtime=CPU, run_dir=tmp_path / "run", resume=True, progress=False)
+def test_resume_with_a_different_model_is_a_user_error(tmp_path, capsys):
+    out = run_toy(tmp_path, "run", "--steps", "2")
+    assert toy_train.main(["--out", str(out), "--steps", "2", "--freeze", "embed_tokens", "--resume"]) == 2
+    assert "holds weights of a different model or method (missing []" in capsys.readouterr().err
 
 
 def test_resume_with_another_global_batch_is_a_user_error_but_another_split_is_fine(tmp_path):
@@ -248,6 +284,25 @@ def test_resume_with_another_global_batch_is_a_user_error_but_another_split_is_f
     assert toy_train.main(["--out", str(out), "--steps", "4", "--n-val", "0", "--batch-size", "2", "--resume"]) == 2
     run_toy(tmp_path, "run", "--steps", "4", "--n-val", "0", "--batch-size", "2", "--grad-accum", "2", "--resume")
     assert max_diff(final_weights(out), final_weights(straight)) < 1e-5
+
+
+def test_resume_with_other_steps_is_a_user_error(tmp_path, capsys):
+    out = run_toy(tmp_path, "run", "--steps", "4", "--n-val", "0", "--term-at", "2")
+    assert toy_train.main(["--out", str(out), "--steps", "6", "--n-val", "0", "--resume"]) == 2
+    assert "started with total_steps = 4, this one has 6" in capsys.readouterr().err
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_start_over(tmp_path):
+    out = str(tmp_path / "run")
+    killed = subprocess.run([sys.executable, str(TOY), "--out", out, "--steps", "6", "--save-every", "4",
+                             "--n-val", "0", "--kill-at", "3"], timeout=120, env=SUBPROCESS_ENV)
+    assert killed.returncode == -9 and len(losses(out)) == 2
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        read_and_resume = ["--out", out, "--steps", "6", "--save-every", "4", "--n-val", "0", "--resume"]
+        train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
+              options=TrainOptions(steps=6), runtime=CPU, run_dir=out, resume=True, progress=False)
+    assert toy_train.main(read_and_resume[:-1]) == 0  # starting over replaces the dead run's files
+    assert len(losses(out)) == 6
 
 
 def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
@@ -267,6 +322,28 @@ def test_bad_options_are_user_errors(tmp_path, capsys):
               options=TrainOptions(batch_size=4), runtime=CPU, run_dir=tmp_path / "small", progress=False)
     assert toy_train.main(["--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
     assert "error: --precision fp8: unknown" in capsys.readouterr().err
+
+
+def test_frozen_model_empty_validation_and_negative_seed_are_user_errors(tmp_path):
+    model = toy_train.build_model(0, frozen=".")
+    with pytest.raises(UserError, match="every weight is frozen"):
+        train(model, toy_train.make_examples(8, 0), toy_train.collate, options=TrainOptions(), runtime=CPU,
+              run_dir=tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match="validation set has no target tokens"):
+        train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate, options=TrainOptions(),
+              runtime=CPU, run_dir=tmp_path / "b", val_set=[], progress=False)
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the first step
+    with pytest.raises(UserError, match="--seed"):
+        TrainOptions(seed=-1)
+
+
+def test_read_run_config(tmp_path):
+    out = run_toy(tmp_path, "run", "--steps", "2", "--n-val", "0")
+    assert read_run_config(out)["steps"] == 2
+    with pytest.raises(UserError, match="no such folder"):
+        read_run_config(tmp_path / "missing")
+    with pytest.raises(UserError, match="not a run folder"):
+        read_run_config(tmp_path)
 
 
 def test_all_masked_step_is_refused():

@@ -85,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--init-scale", type=float, default=2.0**16)
     return p.parse_args(argv)
 
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         options = TrainOptions(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                                warmup_steps=args.warmup_steps, precision=args.precision, eval_every=args.eval_every,
                                save_every=args.save_every, patience=args.patience, seed=args.seed,
-                               max_grad_norm=args.max_grad_norm)
+                               max_grad_norm=args.max_grad_norm, init_scale=args.init_scale)
         model = build_model(args.seed, args.freeze)
         val = make_examples(args.n_val, seed=1000 + args.seed) if args.n_val else None
         summary = train(model, make_examples(args.n_train, seed=args.seed),
