@@ -248,7 +248,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
                   "seed": o.seed, "precision": o.precision, "lr": o.lr, "warmup_steps": o.warmup_steps,
                   "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio}
     state = {"step": 0, "updates": 0, "skipped_steps": 0, "tokens": 0, "target_tokens": 0, "status": "running",
-             "epoch": 0, "examples_seen": 0, "train_loss": None, "eval_loss": None, "best_eval_loss": None,
+             "train_loss": None, "eval_loss": None, "best_eval_loss": None,
              "best_step": None, "bad_evals": 0, "trajectory": trajectory, "run_config": run_config}
     if resume:
         state = _resume(run_dir, trajectory, masters, optimizer, scaler, runtime)
@@ -277,8 +277,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             synchronize(runtime.device)
             if out["skipped"] and not scaler.enabled:
                 raise _diverged(out, state, run_dir, o.precision)
-            record = _account(state, out, lr=lr, loss_scale=loss_scale, seconds=time.perf_counter() - t0,
-                              global_batch=global_batch, steps_per_epoch=per_epoch)
+            record = _account(state, out, lr=lr, loss_scale=loss_scale, seconds=time.perf_counter() - t0)
             done = state["step"] == total_steps
             if val_set is not None and (done or (o.eval_every and state["step"] % o.eval_every == 0)):
                 record.update(_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime))
@@ -301,8 +300,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
 
 
 # ----------------------------------------------------------------------------- loop helpers
-def _account(state: dict, out: dict, *, lr: float, loss_scale: float, seconds: float, global_batch: int,
-             steps_per_epoch: int) -> dict:
+def _account(state: dict, out: dict, *, lr: float, loss_scale: float, seconds: float) -> dict:
     """Count a finished step into the run state; return its metrics record."""
     state["step"] += 1
     state["updates"] += not out["skipped"]
@@ -310,8 +308,6 @@ def _account(state: dict, out: dict, *, lr: float, loss_scale: float, seconds: f
     state["tokens"] += out["tokens"]
     state["target_tokens"] += out["target_tokens"]
     state["train_loss"] = out["loss"]
-    state["examples_seen"] += global_batch  # the data position: step s starts at example s x global_batch
-    state["epoch"] = state["step"] // steps_per_epoch
     return {"step": state["step"], "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
             "loss_scale": loss_scale, "skipped": out["skipped"], "tokens_per_s": out["tokens"] / seconds}
 
@@ -369,8 +365,12 @@ def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler:
     """A resumable checkpoint of the step just finished; every rank contributes its RNG state."""
     rngs = all_gather_object(rng_state(runtime.device), runtime)
     if runtime.is_main:
+        t = state["trajectory"]  # the data position follows from the step; written out for readers
+        position = {"epoch": state["step"] // (t["examples"] // t["global_batch"]),
+                    "examples_seen": state["step"] * t["global_batch"]}
         save_checkpoint(checkpoint_path(run_dir, state["step"]), weights=masters.state_dict(),
-                        state={**state, "scaler": scaler.state_dict()}, optimizer=optimizer.state_dict(), rng=rngs)
+                        state={**state, "scaler": scaler.state_dict(), "data_position": position},
+                        optimizer=optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
 
 
@@ -391,6 +391,7 @@ def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, 
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
     scaler.load_state_dict(state.pop("scaler"))
+    state.pop("data_position")
     if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
         set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
     if state["status"] == "interrupted":
