@@ -81,7 +81,7 @@ def peak_tflops(device: torch.device) -> float | None:
 def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len: int, repeats: int) -> dict:
     """Best-of-`repeats` throughput of full fine-tuning steps of `model` (float32) on random ids."""
     device = model.embed_tokens.weight.device
-    masters = MasterWeights(model, compute_dtype(policy, device))
+    masters = MasterWeights(model, compute_dtype(policy, device), device)
     optimizer = build_optimizer(masters.named_masters(), lr=1e-5, weight_decay=0.0)
     scaler = LossScaler(enabled=policy == "fp16")
     runtime = Runtime(device)

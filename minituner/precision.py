@@ -34,7 +34,7 @@ def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
     if policy not in POLICIES:
         raise UserError(f"--precision {policy}: unknown; choose one of {', '.join(POLICIES)}")
     dtype = POLICIES[policy]
-    native_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
     if dtype == torch.bfloat16 and not native_bf16:  # pre-Ampere GPUs only emulate it, slowly
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                         "use --precision fp16 or fp32")
@@ -56,23 +56,26 @@ def _probe(dtype: torch.dtype, device: torch.device) -> None:
 class MasterWeights:
     """The float32 weights the optimizer updates, each paired with the model parameter it feeds.
 
-    Construction casts `model` to `dtype` (frozen parameters included) after copying every
-    trainable parameter to float32; under float32 no copy is made.
+    Construction moves `model` to `device` (default: where it is) and casts it to `dtype`,
+    frozen parameters included, after taking a float32 copy of every trainable parameter there;
+    under float32 no copy is made. Moving and casting in one go means a float32 base model bound
+    for bf16 never occupies the device in float32.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device | None = None):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.dtype = dtype
+        device = device or next(model.parameters()).device
         if dtype == torch.float32:
-            model.float()
+            model.to(device=device, dtype=dtype)
             self.masters = self.params  # fp32 parameters are their own masters
         else:
-            # No clone: a float32 parameter's storage becomes its master as model.to() gives the
-            # parameter a new, compute-dtype tensor (Module.to keeps the Parameter objects).
-            self.masters = [nn.Parameter(p.detach().float()) for p in self.params]
-            model.to(dtype)
+            # No copy where the parameter is float32 on `device` already: its storage becomes the
+            # master as model.to() gives the parameter a new tensor (Module.to keeps the Parameters).
+            self.masters = [nn.Parameter(p.detach().to(device=device, dtype=torch.float32)) for p in self.params]
+            model.to(device=device, dtype=dtype)
 
     def named_masters(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.names, self.masters))

@@ -34,13 +34,27 @@ from minituner.errors import UserError, read_json
 CHECKPOINTS = "checkpoints"
 
 
+def json_safe(value):
+    """`value` with every non-finite float made None (JSON has no inf or nan; a diverged loss or
+    an fp16 overflow's gradient norm is one) and anything else unknown to JSON made a string."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # a Path among a script's options, say
+
+
 def write_json(path, data: dict) -> None:
     """Write `data` as JSON so that `path` holds either the old or the new file, never half."""
     path = Path(path)
+    text = json.dumps(json_safe(data), indent=2) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -174,9 +188,7 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
-        """Append `record`; a non-finite number (an fp16 overflow's gradient norm) becomes null,
-        since JSON has no inf or nan."""
+        """Append `record` (non-finite numbers become null, see json_safe)."""
         if self.enabled:
-            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(clean) + "\n")
+                f.write(json.dumps(json_safe(record)) + "\n")

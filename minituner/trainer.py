@@ -26,6 +26,7 @@ least "input_ids"; `collate(examples)` returns a batch dict of tensors with "inp
 
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -37,12 +38,12 @@ from tqdm import tqdm
 
 from minituner.distributed import (Runtime, all_gather_object, all_reduce_sum_, broadcast_, peak_memory_mib,
                                    synchronize)
-from minituner.errors import UserError
+from minituner.errors import UserError, read_json
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
-from minituner.state import (MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                             prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
+from minituner.state import (CHECKPOINTS, MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints,
+                             load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class TrainOptions:
                             f"--schedule {self.schedule} one of cosine, linear, constant")
         if min(self.eval_every, self.save_every, self.patience, self.seed) < 0 or self.keep_checkpoints < 1:
             raise UserError("--eval-every, --save-every, --patience and --seed must be >= 0, --keep-checkpoints >= 1")
+        if self.max_grad_norm < 0 or self.min_delta < 0 or self.init_scale <= 0 or self.growth_interval < 1:
+            raise UserError("--max-grad-norm and --min-delta must be >= 0, the initial loss scale > 0 and its "
+                            "growth interval >= 1")
 
 
 # ----------------------------------------------------------------------------- data order
@@ -222,31 +226,36 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     """Train the parameters of `model` that require grad, writing the run folder `run_dir`.
 
     With resume=True, continue from the newest checkpoint in `run_dir` exactly where it left off.
-    Returns the run summary (also written to RUN/summary.json). When early stopping is on, the
-    model ends holding the weights of its best evaluation.
+    Returns the run summary (also written to RUN/summary.json), whose "status" is "completed",
+    "early_stopped" or "interrupted" (by SIGINT/SIGTERM: resume the run rather than export it).
+    The model is left on the device in the compute dtype, holding the last step's weights or,
+    with early stopping on, its best evaluation's; their float32 values are in the newest
+    checkpoint (RUN/checkpoints/step-N, or best-N).
     """
     o, run_dir = options, Path(run_dir)
     dtype = compute_dtype(o.precision, runtime.device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("no parameter of the model is trainable: every weight is frozen")
+    if o.patience and (val_set is None or not o.eval_every):
+        raise UserError("early stopping (--patience) needs validation data and --eval-every > 0")
+    global_batch = o.batch_size * o.grad_accum * runtime.world_size
+    per_epoch = steps_per_epoch(len(train_set), global_batch)
+    total_steps = o.steps or math.ceil(o.epochs * per_epoch)
     if not resume and runtime.is_main:
         _start_fresh(run_dir, run_config)
-    model.to(runtime.device)
-    masters = MasterWeights(model, dtype)  # casts the model to `dtype`; fp32 copies of what trains
+    masters = MasterWeights(model, dtype, runtime.device)  # fp32 copies of what trains; the model in `dtype`
     broadcast_(masters.masters, runtime)  # every rank starts from rank 0's weights
     masters.copy_to_model()
     optimizer = build_optimizer(masters.named_masters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
                                 decay_embeddings=o.decay_embeddings)
     scaler = LossScaler(enabled=o.precision == "fp16", init_scale=o.init_scale, growth_interval=o.growth_interval)
-    global_batch = o.batch_size * o.grad_accum * runtime.world_size
-    per_epoch = steps_per_epoch(len(train_set), global_batch)
-    total_steps = o.steps or math.ceil(o.epochs * per_epoch)
     lengths = [len(example["input_ids"]) for example in train_set]
     seed_everything(o.seed + runtime.rank)  # ranks draw different dropout masks, as they see different data
     # What fixes the sequence of steps; a resumed run must match it to continue exactly.
     trajectory = {"examples": len(train_set), "global_batch": global_batch, "total_steps": total_steps,
                   "seed": o.seed, "precision": o.precision, "lr": o.lr, "warmup_steps": o.warmup_steps,
-                  "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio}
+                  "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio, "eval_every": o.eval_every,
+                  "patience": o.patience, "min_delta": o.min_delta}
     state = {"step": 0, "updates": 0, "skipped_steps": 0, "tokens": 0, "target_tokens": 0, "status": "running",
              "train_loss": None, "eval_loss": None, "best_eval_loss": None,
              "best_step": None, "bad_evals": 0, "trajectory": trajectory, "run_config": run_config}
@@ -280,11 +289,15 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             record = _account(state, out, lr=lr, loss_scale=loss_scale, seconds=time.perf_counter() - t0)
             done = state["step"] == total_steps
             if val_set is not None and (done or (o.eval_every and state["step"] % o.eval_every == 0)):
-                record.update(_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime))
+                try:
+                    record.update(_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime))
+                except BaseException:  # out of memory, a second Ctrl-C: keep the step that was trained
+                    _save(run_dir, state, masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
+                    raise
             metrics.write(record)
             bar.update(1)
             bar.set_postfix(_postfix(record, state), refresh=False)
-            if _agreed(stop.requested, runtime):
+            if _agreed(stop.requested, runtime) and state["status"] == "running":
                 state["status"] = "interrupted"
             if done or (o.save_every and state["step"] % o.save_every == 0) or state["status"] != "running":
                 _save(run_dir, state, masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
@@ -294,7 +307,8 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     restored = _restore_best(run_dir, state, masters, o, runtime)
     summary = _summary(state, model, masters, o, runtime, restored=restored, total_steps=total_steps,
                        global_batch=global_batch, wall=time.perf_counter() - start, tokens_before=tokens_before)
-    if runtime.is_main:
+    trained_now = state["tokens"] > tokens_before  # resuming a finished run keeps its summary's timings
+    if runtime.is_main and (trained_now or not (run_dir / "summary.json").is_file()):
         write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -339,13 +353,24 @@ def _postfix(record: dict, state: dict) -> dict:
     return shown
 
 
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS}
+
+
 def _start_fresh(run_dir: Path, run_config: dict | None) -> None:
-    """Begin a new run in `run_dir`, which must not hold a run's checkpoints. The files of a run
-    that died before its first checkpoint are replaced: nothing of it could be resumed."""
-    if list_checkpoints(run_dir) or list_checkpoints(run_dir, "best"):
+    """Begin a new run in `run_dir`: a new or empty folder, or the remains of a run that died
+    before its first checkpoint (nothing of it could be resumed, so it is cleared)."""
+    if list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                         "or choose another --out")
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} is a file, not a folder")
+        others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        if others:
+            raise UserError(f"--out {run_dir} holds files that are not a run's ({', '.join(others[:3])}); "
+                            "choose a new or empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # best-N of the dead run, temporaries
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
     if run_config is not None:
@@ -372,6 +397,18 @@ def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler:
                         state={**state, "scaler": scaler.state_dict(), "data_position": position},
                         optimizer=optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
+        _prune_bests(run_dir, keep={state["best_step"]})
+
+
+def _prune_bests(run_dir: Path, *, keep: set, after: int | None = None) -> None:
+    """Delete best-N checkpoints that no kept step checkpoint (nor `keep`) refers to, and with
+    `after`, those newer than that step (left by a run that died after writing them)."""
+    for path in list_checkpoints(run_dir):
+        keep.add((read_json(path / "state.json") or {}).get("best_step"))
+    for path in list_checkpoints(run_dir, "best"):
+        step = int(path.name.split("-")[1])
+        if step not in keep or (after is not None and step > after):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, scaler: LossScaler,
@@ -391,7 +428,9 @@ def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, 
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
     scaler.load_state_dict(state.pop("scaler"))
-    state.pop("data_position")
+    state.pop("data_position", None)
+    if runtime.is_main:
+        _prune_bests(run_dir, keep={state["best_step"]}, after=state["step"])
     if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
         set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
     if state["status"] == "interrupted":
@@ -409,7 +448,7 @@ def _evaluate_and_track(model, val_set, collate, state: dict, masters: MasterWei
         if o.patience and runtime.is_main:
             save_checkpoint(checkpoint_path(run_dir, state["step"], "best"), weights=masters.state_dict(),
                             state={"step": state["step"], "eval_loss": loss})
-            prune_checkpoints(run_dir, 1, "best")  # only after the new one is complete
+            _prune_bests(run_dir, keep={state["step"]})  # once the new one is complete
     else:
         state["bad_evals"] += 1
         if o.patience and state["bad_evals"] >= o.patience:

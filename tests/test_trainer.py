@@ -1,6 +1,7 @@
 """The training loop: exact loss averaging, batch semantics, resume, DDP, early stopping, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
 from minituner.optim import lr_at
 from minituner.precision import LossScaler, MasterWeights
-from minituner.state import read_run_config
+from minituner.state import read_run_config, write_json
 from minituner.trainer import TrainOptions, evaluate, micro_batches, step_examples, train, train_step
 
 CPU = Runtime(torch.device("cpu"))
@@ -293,16 +294,63 @@ def test_resume_with_other_steps_is_a_user_error(tmp_path, capsys):
 
 
 def test_a_run_killed_before_its_first_checkpoint_can_start_over(tmp_path):
-    out = str(tmp_path / "run")
-    killed = subprocess.run([sys.executable, str(TOY), "--out", out, "--steps", "6", "--save-every", "4",
-                             "--n-val", "0", "--kill-at", "3"], timeout=120, env=SUBPROCESS_ENV)
-    assert killed.returncode == -9 and len(losses(out)) == 2
-    with pytest.raises(UserError, match="no checkpoint to resume from"):
-        read_and_resume = ["--out", out, "--steps", "6", "--save-every", "4", "--n-val", "0", "--resume"]
+    """Early stopping writes best-000000 at the step-0 evaluation; the dead run still has no
+    resumable checkpoint, so it must be possible to start it over."""
+    args = ["--out", str(tmp_path / "run"), "--steps", "6", "--save-every", "4", "--eval-every", "2",
+            "--patience", "2"]
+    killed = subprocess.run([sys.executable, str(TOY), *args, "--kill-at", "4"], timeout=120, env=SUBPROCESS_ENV)
+    assert killed.returncode == -9 and len(losses(tmp_path / "run")) == 1
+    assert toy_train.main([*args, "--resume"]) == 2  # nothing to resume
+    assert toy_train.main(args) == 0  # starting over replaces the dead run's files
+    assert len(losses(tmp_path / "run")) == 6
+
+
+def test_resume_with_early_stopping_after_kill_9_matches_the_straight_run(tmp_path):
+    """Killed in step 7, after the evaluation at step 6 wrote a best checkpoint that the newest
+    resumable checkpoint (step 4) knows nothing of: the resumed run must redo steps 5-7 and end
+    exactly as the straight run, with the same best step and restored weights."""
+    args = ["--steps", "10", "--save-every", "4", "--eval-every", "2", "--patience", "10", "--lr", "3e-3"]
+    straight = run_toy(tmp_path, "straight", *args)
+    out = str(tmp_path / "killed")
+    # collate calls: eval 0 (1-2), steps 1-2 (3-4), eval 2 (5-6), 3-4 (7-8), eval 4 (9-10), 5-6 (11-12),
+    # eval 6 (13-14), step 7 (15)
+    killed = subprocess.run([sys.executable, str(TOY), "--out", out, *args, "--kill-at", "15"], timeout=120,
+                            env=SUBPROCESS_ENV)
+    assert killed.returncode == -9
+    assert (tmp_path / "killed" / "checkpoints" / "best-000006").is_dir()
+    assert toy_train.main(["--out", out, *args, "--resume"]) == 0
+    assert losses(out) == losses(straight)
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert (b["best_step"], b["best_eval_loss"], b["restored_best"]) == (a["best_step"], a["best_eval_loss"],
+                                                                      a["restored_best"])
+    bests = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("best-*"))
+    assert bests == sorted(p.name for p in (straight / "checkpoints").glob("best-*"))
+
+
+def test_a_failed_evaluation_keeps_the_trained_step(tmp_path):
+    calls = 0
+
+    def failing_collate(examples):
+        nonlocal calls
+        calls += 1
+        if calls == 8:  # eval 0 (1-2), steps 1-4 (3-6), final eval (7-8): fails, as an out-of-memory would
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return toy_train.collate(examples)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(toy_train.build_model(0), toy_train.make_examples(32, 0), failing_collate,
+              options=TrainOptions(steps=4), runtime=CPU, run_dir=tmp_path, val_set=toy_train.make_examples(8, 1),
+              progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
+
+
+def test_a_new_run_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds files that are not a run's \(model.safetensors\)"):
         train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
-              options=TrainOptions(steps=6), runtime=CPU, run_dir=out, resume=True, progress=False)
-    assert toy_train.main(read_and_resume[:-1]) == 0  # starting over replaces the dead run's files
-    assert len(losses(out)) == 6
+              options=TrainOptions(steps=2), runtime=CPU, run_dir=tmp_path, progress=False)
+    assert (tmp_path / "config.json").read_text() == "{}"
 
 
 def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
@@ -335,6 +383,21 @@ def test_frozen_model_empty_validation_and_negative_seed_are_user_errors(tmp_pat
     assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the first step
     with pytest.raises(UserError, match="--seed"):
         TrainOptions(seed=-1)
+    with pytest.raises(UserError, match="growth interval"):
+        TrainOptions(growth_interval=0)
+    with pytest.raises(UserError, match="--patience.*--eval-every"):
+        train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate,
+              options=TrainOptions(patience=2), runtime=CPU, run_dir=tmp_path / "c",
+              val_set=toy_train.make_examples(4, 1), progress=False)
+
+
+def test_json_files_hold_no_inf_or_nan(tmp_path):
+    write_json(tmp_path / "s.json", {"loss": float("nan"), "norm": float("inf"), "out": tmp_path, "n": [1.0, -math.inf]})
+
+    def refuse(constant):
+        raise ValueError(constant)
+    data = json.loads((tmp_path / "s.json").read_text(), parse_constant=refuse)  # strict JSON
+    assert data == {"loss": None, "norm": None, "out": str(tmp_path), "n": [1.0, None]}
 
 
 def test_read_run_config(tmp_path):
