@@ -24,11 +24,11 @@ from minituner.checkpoint import load_pretrained
 from minituner.config import ModelConfig
 from minituner.errors import UserError
 from minituner.distributed import Runtime, peak_memory_mib, resolve_device, synchronize
-from minituner.generate import DTYPES, generate, resolve_dtype
+from minituner.generate import generate, resolve_dtype
 from minituner.loss import IGNORE_INDEX
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
-from minituner.precision import LossScaler, MasterWeights, compute_dtype
+from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
 from minituner.trainer import train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
@@ -142,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "freeze, e.g. 'layers.' (frozen weights get no master, no state)")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES], help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if args.train:
-            policy = next(name for name, d in DTYPES.items() if d == dtype)
+            policy = next(name for name, d in POLICIES.items() if d == dtype)
             fragments = [f for f in args.freeze.split(",") if f]
             for name, p in model.named_parameters():
                 p.requires_grad_(not any(f in name for f in fragments))

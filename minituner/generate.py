@@ -134,13 +134,10 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], 
 
 
 # ----------------------------------------------------------------------------- CLI
-DTYPES = POLICIES
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on CUDA, float32 on CPU (exact, and not every CPU computes bf16 fast)."""
     if name != "auto":
-        return DTYPES[name]
+        return POLICIES[name]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -160,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES], help="auto = bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")

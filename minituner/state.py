@@ -145,6 +145,17 @@ def prune_checkpoints(run_dir, keep: int, kind: str = "step") -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def prune_bests(run_dir, *, keep: set, after: int | None = None) -> None:
+    """Delete best-N checkpoints that no kept step checkpoint (nor `keep`) refers to, and with
+    `after`, those newer than that step (left by a run that died after writing them)."""
+    for path in list_checkpoints(run_dir):
+        keep.add((read_json(path / "state.json") or {}).get("best_step"))
+    for path in list_checkpoints(run_dir, "best"):
+        step = int(path.name[len("best-"):])
+        if step not in keep or (after is not None and step > after):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def rng_state(device: torch.device) -> dict:
     """Every random generator a step may draw from (dropout, shuffles, sampling): the CPU's, and
     this process's GPU's when it trains on one (asking a CPU run for it would start CUDA)."""

@@ -38,12 +38,12 @@ from tqdm import tqdm
 
 from minituner.distributed import (Runtime, all_gather_object, all_reduce_sum_, broadcast_, peak_memory_mib,
                                    synchronize)
-from minituner.errors import UserError, read_json
+from minituner.errors import UserError
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
 from minituner.state import (CHECKPOINTS, MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints,
-                             load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
+                             load_checkpoint, prune_bests, prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
 
 
 @dataclass
@@ -397,18 +397,8 @@ def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler:
                         state={**state, "scaler": scaler.state_dict(), "data_position": position},
                         optimizer=optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
-        _prune_bests(run_dir, keep={state["best_step"]})
+        prune_bests(run_dir, keep={state["best_step"]})
 
-
-def _prune_bests(run_dir: Path, *, keep: set, after: int | None = None) -> None:
-    """Delete best-N checkpoints that no kept step checkpoint (nor `keep`) refers to, and with
-    `after`, those newer than that step (left by a run that died after writing them)."""
-    for path in list_checkpoints(run_dir):
-        keep.add((read_json(path / "state.json") or {}).get("best_step"))
-    for path in list_checkpoints(run_dir, "best"):
-        step = int(path.name.split("-")[1])
-        if step not in keep or (after is not None and step > after):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, scaler: LossScaler,
@@ -430,7 +420,7 @@ def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, 
     scaler.load_state_dict(state.pop("scaler"))
     state.pop("data_position", None)
     if runtime.is_main:
-        _prune_bests(run_dir, keep={state["best_step"]}, after=state["step"])
+        prune_bests(run_dir, keep={state["best_step"]}, after=state["step"])
     if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
         set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
     if state["status"] == "interrupted":
@@ -448,7 +438,7 @@ def _evaluate_and_track(model, val_set, collate, state: dict, masters: MasterWei
         if o.patience and runtime.is_main:
             save_checkpoint(checkpoint_path(run_dir, state["step"], "best"), weights=masters.state_dict(),
                             state={"step": state["step"], "eval_loss": loss})
-            _prune_bests(run_dir, keep={state["step"]})  # once the new one is complete
+            prune_bests(run_dir, keep={state["step"]})  # once the new one is complete
     else:
         state["bad_evals"] += 1
         if o.patience and state["bad_evals"] >= o.patience:
