@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = Path(__file__).parent / "data"
-CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.safetensors").is_file())
+CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file() and (p / "reference.safetensors").is_file())
 
 
 def reference(name: str) -> dict:
