@@ -10,6 +10,9 @@
         state.json                   step, loss scaler, early-stopping record, run config
     RUN/checkpoints/best-000100/     trainable.safetensors + state.json of the best evaluation
                                      so far (kept only with early stopping on)
+    RUN/model/                       what the scripts export when training ends: the trained model
+    RUN/adapter/                     as a Hugging Face folder, a LoRA run's PEFT adapter, and
+    RUN/samples.json                 generations before and after training
 
 Frozen weights are not stored: they are the base model's, which the run config names.
 Every file is written into a temporary folder that is renamed into place only when complete
@@ -32,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from minituner.errors import UserError, read_json
 
 CHECKPOINTS = "checkpoints"
+# Everything a run folder may hold; a new run refuses a folder holding anything else.
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, "model", "adapter", "samples.json"}
 
 
 def json_safe(value):
@@ -95,6 +100,14 @@ def latest_checkpoint(run_dir) -> Path:
         raise UserError(f"--resume {run_dir}: the run has no checkpoint to resume from "
                         f"(none in {run_dir / CHECKPOINTS}); start it over without --resume")
     return found[-1]
+
+
+def final_checkpoint(run_dir, summary: dict) -> Path:
+    """The checkpoint holding the weights a finished run ended with: its best evaluation's when
+    early stopping restored them, else its last step's (always written when a run stops)."""
+    if summary.get("restored_best"):
+        return checkpoint_path(run_dir, summary["best_step"], "best")
+    return checkpoint_path(run_dir, summary["steps"])
 
 
 def save_checkpoint(path: Path, *, weights: dict[str, torch.Tensor], state: dict, optimizer: dict | None = None,

@@ -42,7 +42,7 @@ from minituner.errors import UserError
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
-from minituner.state import (CHECKPOINTS, MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints,
+from minituner.state import (CHECKPOINTS, RUN_FILES, MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints,
                              load_checkpoint, prune_bests, prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
 
 
@@ -351,9 +351,6 @@ def _postfix(record: dict, state: dict) -> dict:
     if record["loss_scale"] != 1.0:
         shown["scale"] = f"{record['loss_scale']:.0f}"
     return shown
-
-
-RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS}
 
 
 def _start_fresh(run_dir: Path, run_config: dict | None) -> None:

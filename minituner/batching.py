@@ -1,0 +1,80 @@
+"""Turning tokenised examples into batches: padding to the longest row, or packing several
+examples into each row.
+
+An example is a dict with "input_ids" and "labels", two equal-length lists of ints (labels are
+IGNORE_INDEX where a token is not trained; the input/target shift happens in the loss).
+
+Padding goes on the right and is never attended to by a real token (attention is causal, and
+pads come last), so it needs no attention mask; its labels are IGNORE_INDEX.
+
+Packing (`pack`) places whole examples side by side in rows of at most `max_len` tokens, best
+fit first, longest example first. A packed row carries "document_ids" (which example each token
+belongs to), so the model restricts attention to the token's own example, and "position_ids"
+that restart at 0 for each example. The first label of every example is masked: its prediction
+would come from the last token of the previous example. With both, each token sees exactly what
+it would see alone in its own row, so packing changes throughput, not the loss.
+"""
+
+import bisect
+
+import torch
+
+from minituner.loss import IGNORE_INDEX
+
+
+def pad_collate(examples: list[dict], pad_id: int = 0) -> dict:
+    """A batch dict of (B, T) tensors, T the longest example; packed rows keep their documents."""
+    B, T = len(examples), max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+             "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long)}
+    packed = "document_ids" in examples[0]
+    if packed:  # padding is one more document of its own, numbered apart from the real ones
+        batch["document_ids"] = torch.full((B, T), -1, dtype=torch.long)
+        batch["position_ids"] = torch.zeros((B, T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        for key in batch:
+            batch[key][b, :n] = torch.tensor(e[key], dtype=torch.long)
+        if packed:
+            batch["position_ids"][b, n:] = torch.arange(T - n)
+    return batch
+
+
+def pack(examples: list[dict], max_len: int) -> list[dict]:
+    """Rows of at most `max_len` tokens, each holding whole examples (best-fit decreasing)."""
+    if any(len(e["input_ids"]) > max_len for e in examples):
+        raise ValueError("pack: an example is longer than max_len; truncate before packing")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # (free space, row index), sorted: the tightest fit is found by bisection
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            space, row = max_len - n, len(rows) - 1
+        else:
+            space, row = free.pop(at)
+            rows[row].append(i)
+            space -= n
+        bisect.insort(free, (space, row))
+    return [_packed_row([examples[i] for i in row]) for row in rows]
+
+
+def _packed_row(examples: list[dict]) -> dict:
+    row = {"input_ids": [], "labels": [], "document_ids": [], "position_ids": []}
+    for doc, e in enumerate(examples):
+        n = len(e["input_ids"])
+        row["input_ids"] += e["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + list(e["labels"][1:])  # never predicted across examples
+        row["document_ids"] += [doc] * n
+        row["position_ids"] += list(range(n))
+    return row
+
+
+def real_token_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of real (non-pad) tokens when the examples of each batch (indices into `lengths`)
+    are padded to the batch's longest."""
+    real = sum(lengths[i] for batch in batches for i in batch)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
+    return real / padded if padded else 1.0
