@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tokenizers import Tokenizer as Backend
+from tokenizers import processors
+
+from minituner.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = Path(__file__).parent / "data"
@@ -22,3 +26,24 @@ def reference(name: str) -> dict:
 @pytest.fixture(scope="session")
 def shakespeare() -> str:
     return (DATA / "tinyshakespeare_head.txt").read_text(encoding="utf-8")
+
+
+# The special tokens of the chat tokenizers below: eos, ChatML's and Llama 3's.
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+                       "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(shakespeare):
+    """A throwaway byte-level BPE that knows every template's special tokens; no BOS."""
+    return Tokenizer.train_bpe([shakespeare], vocab_size=400, special_tokens=CHAT_SPECIAL_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(chat_tokenizer):
+    """chat_tokenizer whose encode() puts <|begin_of_text|> first, as Llama 3's does."""
+    backend = Backend.from_str(chat_tokenizer.backend.to_str())
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", bos)])
+    return Tokenizer(backend, bos_id=bos, eos_id=chat_tokenizer.eos_id, pad_id=chat_tokenizer.pad_id)

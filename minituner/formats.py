@@ -1,0 +1,357 @@
+"""Instruction datasets on disk -> conversations: the three record layouts people publish, read
+into one shape, checked, and split into training and validation sets.
+
+A conversation is a list of messages {"role": "system"|"user"|"assistant"|"tool", "content": str}.
+A system message may only come first, and the last message is the assistant's (it is what is
+trained). An Alpaca user message may also carry "input": str, kept apart so that the alpaca
+template can print it under its own "### Input:" header; other templates join the two.
+
+Layouts ("formats"), told apart by the first record's keys unless named:
+  alpaca    {"instruction", "input"?, "output"}, with the column names of common variants:
+            "response" for "output" (GPTeacher, Dolly), "context" for "input" (Dolly), an
+            optional "system", and self-instruct's {"instruction", "instances": [{"input",
+            "output"}, ...]}, which gives one conversation per instance.
+  messages  {"messages": [{"role", "content"}, ...]} (OpenAI style). A content may be a list of
+            typed parts [{"type": "text", "text": ...}]; its text parts are concatenated, as
+            chat templates do. KTO data marks undesirable answers with "label": false; those
+            records must not be imitated, so they are skipped and counted.
+  sharegpt  {"conversations": [{"from", "value"}, ...], "system"?, "tools"?}. Tool-calling data
+            (glaive, LLaMA-Factory) adds "function_call" (what the assistant writes: trained) and
+            "observation" (what the tool answered: a masked "tool" turn). "tools" holds function
+            schemas, often as a JSON-encoded string; they are described in the system message so
+            that the model sees which functions exist.
+
+A file is a JSON array or JSON lines; which one is decided by its content, since `.json` files
+often hold JSON lines. Errors name the file and the JSONL line (or the array's record number).
+"""
+
+import json
+import random
+from pathlib import Path
+
+from minituner.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("alpaca", "messages", "sharegpt")
+# ShareGPT speaker names -> roles. function_call is the assistant calling a tool; observation is
+# the tool's reply, which the model must read but not learn to write.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+MAX_REASONS = 3  # how many skipped records a report quotes
+
+
+def _new_report(path, fmt: str, records: int) -> dict:
+    """What reading one file gave; "warnings" holds the lines worth printing (none if all was read)."""
+    return {"path": str(path), "format": fmt, "records": records,  # records in the file
+            "conversations": 0,  # conversations read (self-instruct gives one per instance)
+            "skipped_bad": 0,  # malformed records skipped with skip_bad=True
+            "skipped_undesirable": 0,  # records with "label": false
+            "reasons": [],  # the first MAX_REASONS skipped, with their place
+            "warnings": []}
+
+
+def _warnings(report: dict) -> list[str]:
+    """One line per kind of skipped record, naming the file and quoting the first reasons."""
+    lines = []
+    if report["skipped_bad"]:
+        lines.append(f"{report['path']}: skipped {report['skipped_bad']} malformed record(s) "
+                     f"({'; '.join(report['reasons'])})")
+    if report["skipped_undesirable"]:
+        lines.append(f"{report['path']}: skipped {report['skipped_undesirable']} record(s) with "
+                     '"label": false (undesirable answers)')
+    return lines
+
+
+# ----------------------------------------------------------------------------- reading the file
+def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tuple[list, dict]:
+    """Conversations of the dataset file at `path`, and a report: counts, the first skip reasons,
+    and "warnings", the lines to print about skipped records.
+
+    format: "auto" (from the first record's keys) or one of FORMATS. skip_bad: skip and count
+    malformed records instead of raising a UserError on the first one.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise UserError(f'data format "{format}" is not one of auto, {", ".join(FORMATS)}')
+    records = _read_records(Path(path), skip_bad)
+    first = next((r for r in records if isinstance(r[1], dict)), None)
+    fmt = format if format != "auto" or first is None else detect_format(*first)
+    report = _new_report(path, fmt, len(records))
+    conversations = []
+    for where, record in records:
+        try:
+            conversations += _convert(fmt, record)
+        except UserError as e:
+            if not skip_bad:
+                raise UserError(f"{where}: {e}") from None
+            _note_skip(report, where, str(e))
+        except _Undesirable:
+            report["skipped_undesirable"] += 1
+    if not conversations:
+        raise UserError(f"{path}: no usable record ({report['records']} read, {report['skipped_bad']} malformed, "
+                        f'{report["skipped_undesirable"]} with "label": false)')
+    report["conversations"], report["warnings"] = len(conversations), _warnings(report)
+    return conversations, report
+
+
+class _Undesirable(Exception):
+    """A KTO record whose answer is marked "label": false: not to be imitated."""
+
+
+def _convert(fmt: str, record) -> list[list[dict]]:
+    """The conversations of one record; a UserError (without its place) if it is malformed."""
+    if isinstance(record, UserError):  # a JSONL line that did not parse
+        raise record
+    if not isinstance(record, dict):
+        raise UserError(f"expected a JSON object, found {_type(record)}")
+    if record.get("label", True) is False:
+        raise _Undesirable
+    return CONVERTERS[fmt](record)
+
+
+def _note_skip(report: dict, where: str, reason: str) -> None:
+    report["skipped_bad"] += 1
+    if len(report["reasons"]) < MAX_REASONS:
+        report["reasons"].append(f"{where}: {reason}")
+
+
+def _read_records(path: Path, skip_bad: bool) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON array or JSONL file; `where` names file and place.
+
+    With skip_bad, a JSONL line that is not valid JSON comes back as (where, UserError).
+    """
+    text = _read_text(path)
+    start = text.lstrip()[:1]
+    if not start:
+        raise UserError(f"{path}: the file is empty")
+    if start == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return [(f"{path}: record {i}", record) for i, record in enumerate(data, 1)]
+    if start != "{":
+        raise UserError(f"{path}: expected a JSON array or JSON lines of objects, found {start!r} first")
+    return _read_json_lines(path, text, skip_bad)
+
+
+def _read_json_lines(path: Path, text: str, skip_bad: bool) -> list[tuple[str, object]]:
+    if "\n" in text.strip():  # one object written over several lines is one record, not broken JSONL
+        try:
+            return [(f"{path}: record 1", json.loads(text))]
+        except json.JSONDecodeError:
+            pass
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            error = UserError(f"invalid JSON at column {e.colno}: {e.msg}")
+            if not skip_bad:
+                raise UserError(f"{path}:{n}: {error}") from None
+            out.append((f"{path}:{n}", error))
+    return out
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is not data
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def detect_format(where: str, record: dict) -> str:
+    """The format of a dataset, from the keys of its first record."""
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
+    keys = ", ".join(f'"{k}"' for k in record) or "none"
+    raise UserError(f'{where}: cannot tell the data format from its keys ({keys}); expected "instruction" '
+                    '(alpaca), "messages" or "conversations" (sharegpt), or name it with --format')
+
+
+# ----------------------------------------------------------------------------- fields
+def _type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _text(record: dict, names: tuple[str, ...], required: bool = True) -> str:
+    """The string under the first of `names` present in `record`; "" for an absent optional field.
+
+    A required field must be a non-empty string; an optional one may be empty, absent or null.
+    """
+    name = next((n for n in names if n in record), None)
+    shown = f'"{names[0]}"' + "".join(f' (or "{n}")' for n in names[1:])
+    value = record.get(name) if name else None
+    if value is None and not required:
+        return ""
+    if name is None:
+        raise UserError(f"field {shown} is missing")
+    if not isinstance(value, str):
+        raise UserError(f'field "{name}" should be a string, found {_type(value)}')
+    if required and not value.strip():
+        raise UserError(f'field "{name}" is empty')
+    return value
+
+
+def _list(record: dict, name: str) -> list:
+    if name not in record:
+        raise UserError(f'field "{name}" is missing')
+    value = record[name]
+    if not isinstance(value, list):
+        raise UserError(f'field "{name}" should be a list, found {_type(value)}')
+    if not value:
+        raise UserError(f'field "{name}" is empty')
+    return value
+
+
+def _in_item(prefix: str, read, item):
+    """read(item), with errors about `item` prefixed by its place, e.g. `messages[2]: ...`."""
+    if not isinstance(item, dict):
+        raise UserError(f"{prefix}: expected an object, found {_type(item)}")
+    try:
+        return read(item)
+    except UserError as e:
+        raise UserError(f"{prefix}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- formats
+def _alpaca(record: dict) -> list[list[dict]]:
+    instruction = _text(record, ("instruction",))
+    system = _text(record, ("system",), required=False)
+    if "instances" in record:  # self-instruct: one task, several input/output pairs
+        pairs = [_in_item(f"instances[{i}]", _alpaca_pair, item) for i, item in enumerate(_list(record, "instances"))]
+    else:
+        pairs = [_alpaca_pair(record)]
+    conversations = []
+    for input_text, output in pairs:
+        user = {"role": "user", "content": instruction}
+        if input_text:
+            user["input"] = input_text
+        head = [{"role": "system", "content": system}] if system else []
+        conversations.append(head + [user, {"role": "assistant", "content": output}])
+    return conversations
+
+
+def _alpaca_pair(record: dict) -> tuple[str, str]:
+    return _text(record, ("input", "context"), required=False), _text(record, ("output", "response"))
+
+
+def _messages(record: dict) -> list[list[dict]]:
+    label = record.get("label", True)
+    if not isinstance(label, bool):
+        raise UserError(f'field "label" should be true or false, found {_type(label)}')
+    items = _list(record, "messages")
+    return [_checked("messages", [_in_item(f"messages[{i}]", _message, m) for i, m in enumerate(items)])]
+
+
+def _message(item: dict) -> dict:
+    role = _text(item, ("role",))
+    if role not in ROLES:
+        raise UserError(f'role "{role}" is not one of {", ".join(ROLES)}')
+    if "content" not in item:
+        raise UserError('field "content" is missing')
+    content = item["content"]
+    if isinstance(content, list):  # typed parts: only text can be trained on here
+        content = "".join(_in_item(f"content[{i}]", _text_part, part) for i, part in enumerate(content))
+    elif not isinstance(content, str):
+        raise UserError(f'field "content" should be a string or a list of text parts, found {_type(content)}')
+    return {"role": role, "content": content}
+
+
+def _text_part(part: dict) -> str:
+    if part.get("type") != "text":
+        raise UserError(f'part of type {json.dumps(part.get("type"))}: only "text" parts are supported')
+    return _text(part, ("text",), required=False)
+
+
+def _sharegpt(record: dict) -> list[list[dict]]:
+    items = _list(record, "conversations")
+    turns = _checked("conversations", [_in_item(f"conversations[{i}]", _turn, t) for i, t in enumerate(items)])
+    system = _text(record, ("system",), required=False)
+    if system and turns[0]["role"] == "system":
+        raise UserError('both a "system" field and a system turn: keep one')
+    tools = _tool_list(record)
+    if tools:  # the model can only call functions it was told about
+        if turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": system})
+        turns[0]["content"] = describe_tools(turns[0]["content"], tools)
+    elif system:
+        turns.insert(0, {"role": "system", "content": system})
+    return [turns]
+
+
+def _turn(item: dict) -> dict:
+    speaker = _text(item, ("from",))
+    if speaker not in SHAREGPT_ROLES:
+        raise UserError(f'speaker "{speaker}" is not one of {", ".join(SHAREGPT_ROLES)}')
+    return {"role": SHAREGPT_ROLES[speaker], "content": _text(item, ("value",), required=False)}
+
+
+def _tool_list(record: dict) -> list:
+    """The function schemas of record["tools"]: a list, or a JSON string of one ("[]" is none)."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else []
+        except json.JSONDecodeError as e:
+            raise UserError(f'field "tools" is a string but not JSON ({e.msg} at column {e.colno})') from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if tools is not None and not isinstance(tools, list):
+        raise UserError(f'field "tools" should be a list of function schemas, found {_type(tools)}')
+    return tools or []
+
+
+def describe_tools(system: str, tools: list) -> str:
+    """`system` followed by a description of the callable functions, one JSON schema a line."""
+    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    intro = ('You can call these functions. To call one, answer with a JSON object '
+             '{"name": <function name>, "arguments": <its arguments>}:\n')
+    return (system + "\n\n" if system else "") + intro + listing
+
+
+def _checked(key: str, messages: list[dict]) -> list[dict]:
+    """`messages` (read from record[key]) if they make a training conversation; else a UserError."""
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            raise UserError(f"{key}[{i}]: a system message may only come first")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise UserError(f"{key}[{i}]: the assistant's content is empty")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f'the last message is from "{messages[-1]["role"]}"; a training conversation '
+                        "must end with the assistant's answer")
+    return messages
+
+
+CONVERTERS = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt}
+
+
+# ----------------------------------------------------------------------------- validation split
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): a random `fraction` of `items` held out, the same for the same seed.
+
+    Both keep the items' order. A fraction > 0 holds out at least one item when there are two or
+    more, so that asking for validation never silently gives none.
+    """
+    if not 0 <= fraction < 1:
+        raise UserError(f"validation fraction {fraction} should be at least 0 and below 1")
+    n_val = round(len(items) * fraction)
+    if fraction > 0 and n_val == 0 and len(items) >= 2:
+        n_val = 1
+    if n_val >= len(items):
+        raise UserError(f"holding out {n_val} of {len(items)} examples for validation leaves none to train on; "
+                        "lower the validation fraction")
+    held = set(random.Random(seed).sample(range(len(items)), n_val))
+    train = [item for i, item in enumerate(items) if i not in held]
+    val = [item for i, item in enumerate(items) if i in held]
+    return train, val

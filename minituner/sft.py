@@ -1,0 +1,160 @@
+"""Supervised fine-tuning examples: a conversation rendered by a template, tokenised, with every
+prompt token masked. An example is {"input_ids": [int], "labels": [int]}, labels as in loss.py:
+the token id where the model is trained to write that token, IGNORE_INDEX elsewhere.
+
+Tokenising. Each segment of the rendered conversation is encoded on its own and the ids are
+concatenated, so no token straddles a prompt/response boundary and the labels follow the
+template's trained flags exactly. (Encoding the whole text at once can merge the last prompt
+characters with the first response ones.) The tokenizer's prefix_ids (BOS) come once at the
+start, masked; its suffix_ids are never added, since a response ends with the template's own end
+token. Message text is encoded with the backend's `encode_special_tokens` on, so "<|im_end|>"
+typed in a message is plain text and cannot end a turn; the template's scaffolding is encoded
+normally, so its special-token strings become the control ids.
+
+With Llama-2-style tokenizers (SentencePiece, a "▁" prepended to each encoded text) encoding by
+segment adds a "▁" at each segment start where encoding the whole text would not; training and
+generation (prompt_ids tokenises the same way) agree, but ids can differ
+from transformers' apply_chat_template.
+
+Too long for max_len, an example is shortened in this order:
+  1. drop the oldest exchanges (a user message and all that follows up to the next user message),
+     keeping the system message, while more than one exchange remains: later turns depend on
+     earlier ones less than the reverse, and a whole exchange dropped leaves no half-turn;
+  2. cut prompt tokens from the left, BOS kept, but leave the prompt at least MIN_PROMPT_SHARE of
+     max_len (or all of itself, if shorter): an answer without its question teaches nothing;
+  3. cut the end of what remains, which is response.
+An example left with no trained token after position 0 (which no token predicts) is dropped.
+"""
+
+from itertools import groupby
+
+from minituner.errors import UserError
+from minituner.loss import IGNORE_INDEX
+from minituner.templates import EOS, MARKUP, check_template, generation_prompt, render
+
+MIN_PROMPT_SHARE = 0.5  # of max_len, the least a prompt is cut down to before the response is cut
+MASK_OPEN, MASK_CLOSE = "⟦", "⟧"
+
+
+def build_examples(conversations: list, tokenizer, template: str, *, max_len: int, train_on_prompt: bool = False,
+                   source: str | None = None) -> tuple[list[dict], dict]:
+    """Training examples of `conversations` in `template`, at most max_len tokens each, and stats:
+    {"examples": kept, "truncated": of those, shortened to fit, "dropped": no room for a response,
+     "tokens": of the examples kept, "trained_tokens": of those, carrying loss (labels[1:] set, as in loss.py)}.
+
+    train_on_prompt: label every token, prompt included (an ablation; truncation is unchanged).
+    source: the data's name for error messages.
+    """
+    check_template(template, tokenizer)
+    where = f"{source}: " if source else ""
+    if not conversations:
+        raise UserError(f"{where}no conversations to make training examples from")
+    examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "trained_tokens": 0}
+    for conversation in conversations:
+        example, truncated = build_example(conversation, tokenizer, template, max_len=max_len,
+                                           train_on_prompt=train_on_prompt)
+        if example is None:
+            stats["dropped"] += 1
+            continue
+        examples.append(example)
+        stats["examples"] += 1
+        stats["truncated"] += truncated
+        stats["tokens"] += len(example["input_ids"])
+        stats["trained_tokens"] += sum(label != IGNORE_INDEX for label in example["labels"][1:])
+    if not examples:
+        raise UserError(f"{where}no training example fits in max_len={max_len} tokens: all {len(conversations)} "
+                        "conversations leave no room for a response token; use a longer max_len")
+    return examples, stats
+
+
+def build_example(conversation: list[dict], tokenizer, template: str, *, max_len: int,
+                  train_on_prompt: bool = False) -> tuple[dict | None, bool]:
+    """(example, truncated): one conversation as input_ids and labels, or (None, True) if no
+    response token fits in max_len."""
+    ids, trained = tokenize_segments(render(conversation, template), tokenizer)
+    assert any(trained), "a conversation ends with an assistant answer, which is trained"
+    truncated = len(ids) > max_len
+    if truncated:
+        ids, trained = _truncate(conversation, tokenizer, template, max_len, ids, trained)
+    if not any(trained[1:]):  # no token predicts position 0: a response token there trains nothing
+        return None, truncated
+    labels = list(ids) if train_on_prompt else [t if k else IGNORE_INDEX for t, k in zip(ids, trained)]
+    return {"input_ids": ids, "labels": labels}, truncated
+
+
+def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
+    """(ids, trained): the tokenizer's prefix (BOS), then each segment's ids; per id, whether it is
+    trained. Also how a generation prompt is tokenised, so that it matches training."""
+    ids = list(tokenizer.prefix_ids)
+    trained = [False] * len(ids)
+    for segment in segments:
+        if segment.kind == EOS:
+            piece = [tokenizer.eos_id]
+        elif segment.kind == MARKUP:
+            piece = tokenizer.encode(segment.text, add_special_tokens=False)
+        else:
+            piece = _encode_as_text(tokenizer, segment.text)
+        ids += piece
+        trained += [segment.trained] * len(piece)
+    return ids, trained
+
+
+def _encode_as_text(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with special-token strings in it encoded as the plain characters they are."""
+    backend = tokenizer.backend
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return backend.encode(text, add_special_tokens=False).ids
+    finally:
+        backend.encode_special_tokens = before  # the same tokenizer encodes scaffolding next
+
+
+def prompt_ids(conversation: list[dict], tokenizer, template: str) -> list[int]:
+    """Token ids a model continues to answer `conversation` (see templates.generation_prompt),
+    tokenised exactly as in training."""
+    return tokenize_segments(generation_prompt(conversation, template), tokenizer)[0]
+
+
+# ----------------------------------------------------------------------------- truncation
+def _truncate(conversation, tokenizer, template, max_len, ids, trained) -> tuple[list[int], list[bool]]:
+    """ids, trained shortened to max_len in the module docstring's order."""
+    while len(ids) > max_len:
+        shorter = _without_first_exchange(conversation)
+        if shorter is None:
+            break
+        conversation = shorter
+        ids, trained = tokenize_segments(render(conversation, template), tokenizer)
+    n_prefix = len(tokenizer.prefix_ids)
+    prompt = trained.index(True) - n_prefix  # prompt tokens between BOS and the first response token
+    keep = min(prompt, int(max_len * MIN_PROMPT_SHARE))
+    cut = max(0, min(len(ids) - max_len, prompt - keep))
+    ids = ids[:n_prefix] + ids[n_prefix + cut:]
+    trained = trained[:n_prefix] + trained[n_prefix + cut:]
+    return ids[:max_len], trained[:max_len]
+
+
+def _without_first_exchange(conversation: list[dict]) -> list[dict] | None:
+    """The conversation without its oldest exchange, the system message kept; None if it has only
+    one (an exchange runs from a user message up to the next user message after an answer)."""
+    start = 1 if conversation[0]["role"] == "system" else 0
+    answered = False
+    for i in range(start, len(conversation)):
+        role = conversation[i]["role"]
+        if role == "user" and answered:
+            return conversation[:start] + conversation[i:]
+        answered = answered or role == "assistant"
+    return None
+
+
+# ----------------------------------------------------------------------------- inspection
+def show_mask(example: dict, tokenizer) -> str:
+    """An example's text with every trained span in ⟦…⟧, under a legend line."""
+    legend = (f"legend: {MASK_OPEN}trained{MASK_CLOSE} (labels = token ids); "
+              f"the rest is masked (labels = {IGNORE_INDEX})")
+    pieces = []
+    pairs = zip(example["input_ids"], example["labels"])
+    for is_trained, run in groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
+        pieces.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if is_trained else text)
+    return legend + "\n" + "".join(pieces)
