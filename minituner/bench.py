@@ -3,6 +3,7 @@
     python -m minituner.bench                      # generation, random-weight SmolLM-135M shape
     python -m minituner.bench --model PATH         # any Hugging Face model folder
     python -m minituner.bench --train --dtype bf16 # full fine-tuning steps, bf16 compute
+    python -m minituner.bench --train --dtype bf16 --lora-rank 8   # LoRA steps, base frozen
 
 Generation reports prefill (one forward over the prompts) and cached decoding in tokens per
 second. Training reports tokens per second of whole optimizer steps (forward, backward, fp32
@@ -25,6 +26,7 @@ from minituner.config import ModelConfig
 from minituner.errors import UserError
 from minituner.distributed import Runtime, peak_memory_mib, resolve_device, synchronize
 from minituner.generate import generate, resolve_dtype
+from minituner.lora import apply_lora
 from minituner.loss import IGNORE_INDEX
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
@@ -79,7 +81,8 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len: int, repeats: int) -> dict:
-    """Best-of-`repeats` throughput of full fine-tuning steps of `model` (float32) on random ids."""
+    """Best-of-`repeats` throughput of training steps on random ids, of the parameters of `model`
+    that require grad (all of them, or LoRA's), with float32 masters of those."""
     device = model.embed_tokens.weight.device
     masters = MasterWeights(model, compute_dtype(policy, device), device)
     optimizer = build_optimizer(masters.named_masters(), lr=1e-5, weight_decay=0.0)
@@ -136,10 +139,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; the best is reported")
     p.add_argument("--train", action="store_true",
-                   help="measure full fine-tuning steps (batch of --batch-size x --prompt-len tokens) instead of "
-                        "generation; --dtype is then the precision policy, with fp32 master weights")
+                   help="measure training steps (batch of --batch-size x --prompt-len tokens; full fine-tuning, or "
+                        "LoRA with --lora-rank) instead of generation; --dtype is then the precision policy, with "
+                        "fp32 master weights")
     p.add_argument("--freeze", default="", help="with --train: comma-separated name fragments of parameters to "
                                                 "freeze, e.g. 'layers.' (frozen weights get no master, no state)")
+    # LoRA
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="adapt the usual targets (q/k/v/o, gate/up/down) with LoRA of this rank before measuring, "
+                        "base frozen and adapters unmerged (0 = no LoRA)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / rank")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES], help="auto = bf16 on CUDA, fp32 on CPU")
@@ -148,6 +157,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.batch_size, args.prompt_len, args.repeats) < 1 or args.new_tokens < 2:
         p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
+    if args.lora_rank < 0 or args.lora_alpha <= 0:
+        p.error("--lora-rank must be >= 0 and --lora-alpha > 0")
+    if args.lora_rank and args.freeze:
+        p.error("--freeze and --lora-rank exclude each other: LoRA freezes every base weight")
     return args
 
 
@@ -158,7 +171,9 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        load_dtype = torch.float32 if args.train else dtype  # training keeps float32 masters of every weight
+        # Full training keeps float32 masters of every weight; a LoRA base is frozen, so it is built
+        # in the compute dtype directly (as train_instruct.py does) and only the adapters get masters.
+        load_dtype = torch.float32 if args.train and not args.lora_rank else dtype
         if args.model:
             model, _ = load_pretrained(args.model, device=device, dtype=load_dtype)
         else:
@@ -166,13 +181,16 @@ def main(argv=None) -> int:
         if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
             raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
                             f"{model.config.max_seq_len} positions")
+        if args.lora_rank:
+            apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # freezes everything but the adapters
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if args.train:
             policy = next(name for name, d in POLICIES.items() if d == dtype)
-            fragments = [f for f in args.freeze.split(",") if f]
-            for name, p in model.named_parameters():
-                p.requires_grad_(not any(f in name for f in fragments))
+            if not args.lora_rank:  # with LoRA, apply_lora has frozen all but the adapters
+                fragments = [f for f in args.freeze.split(",") if f]
+                for name, p in model.named_parameters():
+                    p.requires_grad_(not any(f in name for f in fragments))
             result = bench_training(model.train(), policy=policy, batch_size=args.batch_size,
                                     seq_len=args.prompt_len, repeats=args.repeats)
         else:
@@ -182,7 +200,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = {"model": args.model or args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "threads": torch.get_num_threads(), **result}
+              "threads": torch.get_num_threads(), "lora_rank": args.lora_rank, **result}
     if args.json:
         print(json.dumps(result))
     else:

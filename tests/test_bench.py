@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import FIXTURES
 from minituner.bench import main
 
@@ -28,3 +30,14 @@ def test_bench_measures_training_steps(capsys):
                  "--json"]) == 0
     frozen = json.loads(capsys.readouterr().out)
     assert 0 < frozen["trainable_m"] < frozen["params_m"]
+
+
+def test_bench_measures_lora_training_steps(capsys):
+    assert main(["--train", "--preset", "tiny", "--dtype", "bf16", "--prompt-len", "32", "--repeats", "1",
+                 "--lora-rank", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["lora_rank"] == 4 and 0 < result["trainable_m"] < result["params_m"] / 10
+    assert result["train_tokens_per_s"] > 0 and result["peak_memory_mib"] > 0
+    with pytest.raises(SystemExit):  # argparse: LoRA freezes the base itself
+        main(["--train", "--preset", "tiny", "--lora-rank", "4", "--freeze", "layers."])
+    assert "--freeze and --lora-rank exclude each other" in capsys.readouterr().err

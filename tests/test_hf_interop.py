@@ -1,12 +1,14 @@
-"""What we save loads in Hugging Face transformers as the same model. Runs only where transformers
-is installed (it is not a minituner dependency): pip install transformers && pytest tests/test_hf_interop.py"""
+"""What we save loads in Hugging Face transformers as the same model, and our LoRA adapters in PEFT.
+Runs only where transformers (and, for the adapter tests, peft) is installed; neither is a minituner
+dependency: pip install transformers peft && pytest tests/test_hf_interop.py"""
 
 import pytest
 import torch
 
 from conftest import CHECKPOINTS, FIXTURES, reference
-from minituner.checkpoint import load_pretrained, save_pretrained
+from minituner.checkpoint import load_adapter, load_pretrained, save_adapter, save_pretrained
 from minituner.config import ModelConfig
+from minituner.lora import apply_lora, lora_modules, merge_and_unload
 from minituner.model import Transformer
 from minituner.tokenizer import Tokenizer
 
@@ -63,3 +65,68 @@ def test_bfloat16_logits_round_like_transformers(name):
     ids = reference(name)["input_ids"]
     with torch.no_grad():
         assert (model(ids).float() - hf(ids).logits.float()).abs().max() < 1e-2
+
+
+# ----------------------------------------------------------------------------- LoRA adapters and PEFT
+# Per family: the usual targets, and rank/alpha patterns in that family's module names.
+LORA = {"llama-tiny": dict(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                           ranks={"down_proj": 2}, alphas={"v_proj": 3}),
+        "gpt2-tiny": dict(targets=("c_attn", "c_proj", "c_fc"), ranks={"c_fc": 2}, alphas={"c_attn": 3})}
+
+
+def _adapted(name: str, patterns: bool, **options):
+    """A fixture model with LoRA whose B is non-zero, so that the adapter changes the logits."""
+    model, tokenizer = load_pretrained(FIXTURES / name)
+    family = LORA[name] if patterns else {"targets": LORA[name]["targets"]}
+    apply_lora(model, **family, **options)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("name", list(LORA))
+@pytest.mark.parametrize("patterns, options", [(False, {}), (True, {"rslora": True, "rank": 3, "alpha": 5})])
+def test_peft_loads_our_adapter_as_the_same_model(tmp_path, name, patterns, options):
+    peft = pytest.importorskip("peft")
+    model, _ = _adapted(name, patterns, **options)
+    save_adapter(model, tmp_path / "adapter", base_model=str(FIXTURES / name))
+    ids = reference(name)["input_ids"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        hf = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - base_logits).abs().max() > 1e-2  # the adapter matters
+    assert (theirs - ours).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(LORA))
+def test_we_load_an_adapter_peft_trained_as_the_same_model(tmp_path, name):
+    peft = pytest.importorskip("peft")
+    rank_pattern = {"c_attn": 6} if name.startswith("gpt2") else {"down_proj": 2}  # c_attn: one LoRA over q, k, v
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA[name]["targets"]), use_rslora=True,
+                             rank_pattern=rank_pattern, alpha_pattern={k: 3 for k in rank_pattern},
+                             init_lora_weights=False,  # random B: the adapter changes the output
+                             fan_in_fan_out=name.startswith("gpt2"))
+    torch.manual_seed(0)
+    hf = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name), config).eval()
+    hf.save_pretrained(tmp_path / "adapter")
+    model, _ = load_pretrained(FIXTURES / name)
+    load_adapter(model, tmp_path / "adapter")
+    ids = reference(name)["input_ids"]
+    with torch.no_grad():
+        assert (model.eval()(ids) - hf(ids).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(LORA))
+def test_transformers_loads_our_merged_model(tmp_path, name):
+    model, tokenizer = _adapted(name, patterns=False)
+    ids = reference(name)["input_ids"]
+    with torch.no_grad():
+        expected = model(ids)
+    save_pretrained(merge_and_unload(model), tokenizer, tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - expected).abs().max() < 1e-5
