@@ -257,15 +257,16 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
                   "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio, "eval_every": o.eval_every,
                   "patience": o.patience, "min_delta": o.min_delta}
     state = {"step": 0, "updates": 0, "skipped_steps": 0, "tokens": 0, "target_tokens": 0, "status": "running",
-             "train_loss": None, "eval_loss": None, "best_eval_loss": None,
+             "train_loss": None, "first_eval_loss": None, "eval_loss": None, "best_eval_loss": None,
              "best_step": None, "bad_evals": 0, "trajectory": trajectory, "run_config": run_config}
     if resume:
         state = _resume(run_dir, trajectory, masters, optimizer, scaler, runtime)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main,
                          resume_step=state["step"] if resume else None)
     if val_set is not None and not resume:  # the starting point, and a check of the validation set
-        metrics.write({"step": 0, **_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir,
-                                                        runtime)})
+        record = _evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime)
+        state["first_eval_loss"] = record["eval_loss"]  # before any training: the summary's point of comparison
+        metrics.write({"step": 0, **record})
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (progress and runtime.is_main))
     start, tokens_before = time.perf_counter(), state["tokens"]
@@ -330,7 +331,9 @@ def _summary(state: dict, model, masters: MasterWeights, o: TrainOptions, runtim
              total_steps: int, global_batch: int, wall: float, tokens_before: int) -> dict:
     return {"status": state["status"], "steps": state["step"], "total_steps": total_steps,
             "optimizer_steps": state["updates"], "skipped_steps": state["skipped_steps"],
-            "train_loss": state["train_loss"], "eval_loss": state["eval_loss"], "eval_ppl": _ppl(state["eval_loss"]),
+            "train_loss": state["train_loss"], "first_eval_loss": state.get("first_eval_loss"),
+            "first_eval_ppl": _ppl(state.get("first_eval_loss")),
+            "eval_loss": state["eval_loss"], "eval_ppl": _ppl(state["eval_loss"]),
             "best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"], "restored_best": restored,
             "tokens": state["tokens"], "target_tokens": state["target_tokens"], "wall_time_s": round(wall, 3),
             "tokens_per_s": round((state["tokens"] - tokens_before) / max(wall, 1e-9), 1),

@@ -1,0 +1,140 @@
+"""The command line that train_instruct.py and train_finetune.py share: the flags both take
+(their names are a contract with users' scripts), turning them into TrainOptions, `--resume`,
+and how a run ends (a user's mistake is one line on stderr and exit status 2, no traceback).
+
+Each script adds its own data flags and keeps its `main` readable top to bottom; this module
+only holds what would otherwise be written twice.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from minituner.errors import UserError
+from minituner.lora import DEFAULT_TARGETS
+from minituner.precision import POLICIES
+from minituner.state import read_run_config
+from minituner.trainer import TrainOptions
+
+# learning rates that usually work: adapters tolerate (and need) a larger step than full weights
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+
+
+def add_method_flags(p: argparse.ArgumentParser, default: str) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["lora", "full"], default=default,
+                   help=f"lora: train low-rank adapters, base frozen; full: train every weight (default {default})")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated module names as in the HF checkpoint (GPT-2: c_attn,c_proj,c_fc); "
+                   "the default takes the attention and MLP projections the model has")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)")
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = use --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training set when --steps is 0")
+    g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for lora, 2e-5 for full)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the schedule decays to lr x this")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms, biases, embeddings)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, the split and the initialisations")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = at the start and end only)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop after N evaluations without improvement and restore the best weights (0 = off)")
+    g.add_argument("--min-delta", type=float, default=0.0, help="smallest validation-loss drop that counts")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--precision", choices=["auto", *POLICIES], default="auto",
+                   help="compute dtype; weights and optimizer stay fp32 (auto = bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun picks each process's GPU)")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=None, help="run folder (default runs/<script>-<date>-<time>)")
+    g.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run in DIR from its newest checkpoint, with the options it was started with")
+    g.add_argument("--samples", type=int, default=3, help="held-out prompts to generate from before and after")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="length of those generations")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay in metrics.jsonl)")
+
+
+def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
+    """The options to run with: the command line's, or with --resume DIR those saved in DIR's
+    config.json (only --device and --no-progress may change: a run can move to another machine)."""
+    if args.resume is None:
+        args.out = args.out or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return args
+    saved = read_run_config(args.resume)
+    if saved.get("script") != script:
+        raise UserError(f"--resume {args.resume}: its config.json was not written by {script}.py")
+    changed = [k for k, v in vars(args).items()
+               if k not in ("resume", "device", "no_progress") and v != parser.get_default(k) and v != saved.get(k)]
+    if changed:
+        print(f"note: --resume uses the run's saved options; ignoring --{changed[0].replace('_', '-')}"
+              + (f" and {len(changed) - 1} more" if len(changed) > 1 else ""), file=sys.stderr)
+    merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
+    merged.resume, merged.device, merged.no_progress, merged.out = args.resume, args.device, args.no_progress, args.resume
+    return merged
+
+
+def run_config(args: argparse.Namespace, script: str) -> dict:
+    """What RUN/config.json records: the script and every option, so that --resume restarts the same run."""
+    return {"script": script, **{k: v for k, v in vars(args).items() if k != "resume"}}
+
+
+def settle(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill in the options whose default depends on the device or the method, so that
+    config.json records what ran and a resumed run (maybe elsewhere) runs the same."""
+    args.precision = resolve_precision(args.precision, device)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.method]
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        lr=args.lr,
+                        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, schedule=args.schedule,
+                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, precision=args.precision,
+                        eval_every=args.eval_every, patience=args.patience, min_delta=args.min_delta,
+                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed)
+
+
+def lora_options(args: argparse.Namespace) -> dict:
+    """apply_lora's keyword arguments from the LoRA flags."""
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.lora_rank < 1 or args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1 or not targets:
+        raise UserError("--lora-rank must be >= 1, --lora-alpha > 0, --lora-dropout in [0, 1), "
+                        "--lora-targets non-empty")
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "dropout": args.lora_dropout,
+            "rslora": args.rslora}
+
+
+def run_main(run, argv=None) -> int:
+    """Call run(argv); a UserError is one line on stderr and exit status 2."""
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before or after the training loop, which handles Ctrl-C itself
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def resolve_precision(name: str, device) -> str:
+    """'auto' is bf16 on a GPU that computes it natively, fp16 on an older GPU, fp32 on the CPU."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"

@@ -1,0 +1,45 @@
+"""What a finished run leaves for the wider ecosystem: its trained weights as a Hugging Face
+model folder (RUN/model/) and, for a LoRA run, the adapter as a PEFT folder (RUN/adapter/).
+
+The weights come from the run's final checkpoint, where they are float32, not from the model
+the loop trained: that one is in the compute dtype (bf16 would round every weight). Frozen
+weights are not in a checkpoint, so they come from `model`, which the caller builds afresh in
+float32 the way the run built it before training (the base folder, or a from-scratch init).
+A LoRA model is saved twice: the adapter alone, and merged into the base as an ordinary model.
+"""
+
+from pathlib import Path
+
+import torch
+
+from minituner.checkpoint import save_adapter, save_pretrained
+from minituner.errors import UserError
+from minituner.lora import merge_and_unload
+from minituner.model import Transformer
+from minituner.state import final_checkpoint, load_checkpoint
+from minituner.tokenizer import Tokenizer
+
+
+def export_run(run_dir, summary: dict, model: Transformer, tokenizer: Tokenizer, *, lora: bool,
+               base_name: str | None = None) -> list[Path]:
+    """Load the run's final trained weights into `model` (float32, on the CPU, LoRA applied as
+    in training) and write RUN/model/ (and RUN/adapter/). Returns the folders written."""
+    run_dir = Path(run_dir)
+    path = final_checkpoint(run_dir, summary)
+    weights = load_checkpoint(path)["weights"]
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise UserError(f"{path}: holds weights the model does not have (e.g. {unknown[0]}); "
+                        "it was trained with another model or method")
+    with torch.no_grad():
+        for name, t in weights.items():
+            params[name].copy_(t)
+    written = []
+    if lora:
+        save_adapter(model, run_dir / "adapter", base_model=base_name)
+        written.append(run_dir / "adapter")
+        model = merge_and_unload(model)
+    save_pretrained(model, tokenizer, run_dir / "model")
+    written.append(run_dir / "model")
+    return written

@@ -1,0 +1,158 @@
+"""train_instruct.py end to end on llama-tiny: the run folder, the exports, resume, torchrun, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_instruct
+from conftest import DATA, FIXTURES
+from minituner import trainer
+from minituner.checkpoint import load_adapter, load_pretrained
+
+ROOT = Path(train_instruct.__file__).parent
+BASE = str(FIXTURES / "llama-tiny")
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                  "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    """A small, repetitive Alpaca file: a tiny model can learn it in a few steps."""
+    records = [{"instruction": f"Say the number {n % 4}.", "input": "", "output": f"{n % 4} {n % 4} {n % 4}"}
+               for n in range(24)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return str(path)
+
+
+def run(out, data, *flags) -> int:
+    return train_instruct.main(["--base", BASE, "--data", data, "--out", str(out), "--template", "chatml",
+                                "--batch-size", "4", "--lr", "3e-3", "--max-len", "128", "--samples", "2",
+                                "--max-new-tokens", "8", "--no-progress", *flags])
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).float()
+
+
+def test_lora_run_writes_a_complete_run_folder(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert run(out, data, "--steps", "12", "--eval-every", "6", "--val-fraction", "0.2") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "lora" and config["lr"] == 3e-3 and config["precision"] == "fp32"
+    records = rows(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.5  # the loss falls
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]  # steps 0, 6, 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["first_eval_loss"] == evals[0]
+    samples = json.loads((out / "samples.json").read_text())["samples"]
+    assert len(samples) == 2 and all({"prompt", "reference", "before", "after"} <= set(s) for s in samples)
+
+    # the merged model and base + adapter are the same model
+    merged, _ = load_pretrained(out / "model")
+    base, _ = load_pretrained(BASE)
+    load_adapter(base, out / "adapter")
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16))
+    assert (logits(merged, ids) - logits(base, ids)).abs().max() < 1e-5
+    assert (logits(merged, ids) - logits(load_pretrained(BASE)[0], ids)).abs().max() > 1e-3  # and it trained
+    printed = capsys.readouterr().out
+    assert "trainable params:" in printed and "validation loss" in printed and "--- after" in printed
+
+
+def test_full_run_exports_the_float32_weights_of_its_last_checkpoint(tmp_path, data):
+    out = tmp_path / "run"
+    assert run(out, data, "--method", "full", "--steps", "3", "--lr", "1e-3") == 0
+    assert not (out / "adapter").exists()
+    trained = load_file(out / "checkpoints" / "step-000003" / "trainable.safetensors")
+    model, _ = load_pretrained(out / "model")
+    params = dict(model.named_parameters())
+    assert set(trained) == set(params)
+    assert all(torch.equal(params[name], t) for name, t in trained.items())
+
+
+def test_packed_run_and_show_mask(tmp_path, data, capsys):
+    assert run(tmp_path / "run", data, "--steps", "2", "--pack", "--show-mask") == 0
+    printed = capsys.readouterr().out
+    assert "packing: 23 examples in 8 rows of at most 128 tokens" in printed  # 3 examples of 35 tokens per row
+    assert "<|im_start|>assistant\n⟦0 0 0<|im_end|>⟧" in printed
+
+
+class StopAfterTwoSteps(trainer.StopRequest):
+    """A SIGTERM arriving during the second step: the loop checks `requested` once per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.checks = 0
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= 2
+
+    @requested.setter
+    def requested(self, value):
+        pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch):
+    straight = tmp_path / "straight"
+    assert run(straight, data, "--steps", "4") == 0
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "StopRequest", StopAfterTwoSteps)
+        assert run(out, data, "--steps", "4") == 130
+    assert not (out / "model").exists()  # an interrupted run is resumed, not exported
+    assert train_instruct.main(["--resume", str(out), "--no-progress", "--lr", "1"]) == 0  # --lr is ignored
+    assert [r["step"] for r in rows(out)] == [0, 1, 2, 3, 4]
+    assert [r.get("loss") for r in rows(out)] == [r.get("loss") for r in rows(straight)]
+    a, b = (load_file(run_dir / "model" / "model.safetensors") for run_dir in (straight, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"script": "train_finetune"}))
+    assert train_instruct.main(["--resume", str(tmp_path)]) == 2
+    assert "not written by train_instruct.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "missing.json"], "missing.json"),
+    (["--template", "llama3"], 'needs "<|start_header_id|>"'),
+    (["--max-len", "1"], "no training example fits"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--lora-targets", "qkv"], "'qkv' matches none"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, data, capsys, flags, message):
+    argv = ["--base", BASE, "--data", data, "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress", *flags]
+    assert train_instruct.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_real_sharegpt_file_under_torchrun(tmp_path):
+    """Two gloo processes: one run folder, written once, from a real ShareGPT file and the chatml template."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_instruct.py"), "--base", BASE, "--data", str(DATA / "fastchat_dummy_conversation.json"),
+           "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "1", "--max-len", "96", "--samples", "1",
+           "--max-new-tokens", "4", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["template"] == "auto"
+    assert done.stdout.count("written:") == 1
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,200 @@
+"""Instruction tuning: supervised training on instruction -> response pairs, with the loss on
+the response tokens only, so that a pretrained model learns to follow instructions.
+
+    python train_instruct.py --base MODEL_DIR --data data.jsonl [--template chatml] [--method lora|full]
+    torchrun --nproc_per_node 2 train_instruct.py --base MODEL_DIR --data data.jsonl ...
+    python train_instruct.py --resume runs/instruct-...      # continue an interrupted run
+
+The data is Alpaca records, chat `messages` or ShareGPT `conversations` (JSON or JSONL; see
+minituner/formats.py). A template (minituner/templates.py) renders each conversation into
+prompt and response segments; only response tokens, with their end token, carry loss
+(minituner/sft.py). The run folder gets config.json, metrics.jsonl, summary.json, checkpoints/,
+samples.json (generations for held-out prompts before and after), model/ (a Hugging Face
+folder: the tuned model, LoRA merged in) and, for LoRA, adapter/ (a PEFT folder).
+"""
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from minituner.batching import pack, pad_collate, real_token_fraction
+from minituner.checkpoint import load_pretrained
+from minituner.cli import (add_method_flags, add_training_flags, lora_options, resolve_resume, run_config, run_main,
+                           settle, train_options)
+from minituner.distributed import init_runtime, shutdown
+from minituner.errors import UserError
+from minituner.export import export_run
+from minituner.formats import FORMATS, read_conversations, split_validation
+from minituner.generate import generate
+from minituner.lora import apply_lora, trainable_report
+from minituner.precision import POLICIES
+from minituner.sft import build_examples, prompt_ids, show_mask
+from minituner.state import write_json
+from minituner.templates import TEMPLATES, check_template, default_template, stop_ids
+from minituner.trainer import micro_batches, step_examples, train
+
+SCRIPT = "train_instruct"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train_instruct.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--base", help="Hugging Face model folder to tune (config.json, safetensors, tokenizer.json)")
+    g.add_argument("--data", help="training data: a JSON or JSONL file of Alpaca, messages or ShareGPT records")
+    g.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="the data's format (auto: detect)")
+    g.add_argument("--template", choices=["auto", *TEMPLATES], default="auto",
+                   help="prompt template (auto: chatml or llama3 if the tokenizer has their tokens, else alpaca)")
+    g.add_argument("--val-data", help="held-out validation file (default: split --val-fraction off --data)")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out (0 = none)")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="tokens per example; longer ones lose prompt first (default: min(2048, the model's))")
+    g.add_argument("--train-on-prompt", action="store_true", help="put loss on prompt tokens too (ablation)")
+    g.add_argument("--pack", action="store_true", help="pack several examples per row (isolated from each other)")
+    g.add_argument("--skip-bad", action="store_true", help="skip malformed records with a warning instead of stopping")
+    g.add_argument("--show-mask", action="store_true", help="print one training example with its trained tokens marked")
+    add_method_flags(p, default="lora")
+    add_training_flags(p)
+    args = resolve_resume(p.parse_args(argv), p, SCRIPT)
+    if not args.base or not args.data:
+        p.error("--base and --data are required (or --resume DIR)")
+    return args
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    runtime = init_runtime(args.device)
+    say = print if runtime.is_main else (lambda *a, **k: None)
+    settle(args, runtime.device)
+    options = train_options(args)
+    lora = lora_options(args) if args.method == "lora" else None
+
+    # Model: a LoRA base is frozen, so it can live in the compute dtype from the start; full
+    # fine-tuning needs the float32 weights, of which the trainer makes its masters.
+    load_dtype = POLICIES[args.precision] if lora else torch.float32
+    model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
+    template = default_template(tokenizer) if args.template == "auto" else args.template
+    check_template(template, tokenizer)
+    max_len = args.max_len or min(2048, model.config.max_seq_len)
+
+    # Data: conversations -> (validation split) -> token ids with the loss mask -> (packing)
+    train_convs, val_convs = read_data(args, say)
+    build = partial(build_examples, tokenizer=tokenizer, template=template, max_len=max_len,
+                    train_on_prompt=args.train_on_prompt)
+    train_set, stats = build(train_convs, source=args.data)
+    say(f"data: {stats_line(stats)}; template {template}, max length {max_len}")
+    val_set = None
+    if val_convs:
+        val_set, val_stats = build(val_convs, source=args.val_data or f"{args.data} (validation split)")
+        say(f"validation: {stats_line(val_stats)}")
+    if args.show_mask:
+        say(show_mask(train_set[0], tokenizer))
+    if args.pack:
+        n = len(train_set)
+        train_set = pack(train_set, max_len)
+        say(f"packing: {n} examples in {len(train_set)} rows of at most {max_len} tokens")
+    say(f"real (non-pad) tokens: {padding_share(train_set, options, runtime.world_size):.1%} of the first epoch")
+    collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+
+    # Samples before training, from the untouched base; then the adapters, if any
+    held_out = (val_convs or train_convs)[:args.samples]
+    room = max(1, max_len - args.max_new_tokens)  # a long prompt keeps its end, where the question is
+    prompts = [prompt_ids(conv, tokenizer, template)[-room:] for conv in held_out]
+    stops = stop_ids(template, tokenizer)
+    before = complete(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
+    if lora:
+        apply_lora(model, **lora)
+    say(trainable_report(model))
+
+    summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
+                    resume=args.resume is not None, run_config=run_config(args, SCRIPT),
+                    progress=not args.no_progress)
+    if summary["status"] == "interrupted":
+        say(f"interrupted at step {summary['steps']}; continue with: python train_instruct.py --resume {args.out}")
+        shutdown(runtime)
+        return 130
+    if runtime.is_main:
+        after = complete(model, tokenizer, prompts, stops, args.max_new_tokens)
+        samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": conv[-1]["content"],
+                    "before": b, "after": a} for p, b, a, conv in zip(prompts, before, after, held_out)]
+        write_json(f"{args.out}/samples.json", {"samples": samples})
+        del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
+        fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
+        if lora:
+            apply_lora(fresh, **lora)
+        written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
+                             base_name=str(Path(args.base).resolve()))
+        print_report(summary, samples, written)
+    shutdown(runtime)
+    return 0
+
+
+# ----------------------------------------------------------------------------- steps of run()
+def read_data(args, say) -> tuple[list, list]:
+    """Training and validation conversations, from --data (split) or --data and --val-data."""
+    conversations, report = read_conversations(args.data, format=args.format, skip_bad=args.skip_bad)
+    for line in report.get("warnings", []):
+        say(f"warning: {line}")
+    if args.val_data:
+        val, val_report = read_conversations(args.val_data, format=args.format, skip_bad=args.skip_bad)
+        for line in val_report.get("warnings", []):
+            say(f"warning: {line}")
+        return conversations, val
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    return split_validation(conversations, args.val_fraction, seed=args.seed)
+
+
+def stats_line(stats: dict) -> str:
+    parts = [f"{stats['examples']} examples", f"{stats['tokens']:,} tokens ({stats['trained_tokens']:,} trained)"]
+    if stats.get("truncated"):
+        parts.append(f"{stats['truncated']} truncated")
+    if stats.get("dropped"):
+        parts.append(f"{stats['dropped']} dropped (no response token fits --max-len)")
+    return ", ".join(parts)
+
+
+def padding_share(train_set: list, options, world_size: int) -> float:
+    """The real-token share of the first epoch's micro-batches, batched exactly as the trainer will."""
+    lengths = [len(e["input_ids"]) for e in train_set]
+    global_batch = options.batch_size * options.grad_accum * world_size
+    batches = []
+    for step in range(len(train_set) // global_batch):
+        indices = step_examples(step, n_examples=len(train_set), global_batch=global_batch, seed=options.seed)
+        for rank in range(world_size):
+            batches += micro_batches(indices, lengths, rank=rank, batch_size=options.batch_size,
+                                     grad_accum=options.grad_accum)
+    return real_token_fraction(lengths, batches)
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: list[list[int]], stops: list[int], max_new_tokens: int) -> list[str]:
+    """Greedy answers to `prompts`, without the token that ended them."""
+    if not prompts:
+        return []
+    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)
+    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in outputs]
+
+
+def print_report(summary: dict, samples: list[dict], written) -> None:
+    """The outcome on stdout: losses before and after, cost, the generations, where the results are."""
+    print(f"\n{summary['status']} after {summary['steps']} steps; train loss {summary['train_loss']:.4f}")
+    if summary["eval_loss"] is not None:
+        print(f"validation loss {summary['first_eval_loss']:.4f} -> {summary['eval_loss']:.4f} "
+              f"(perplexity {summary['first_eval_ppl']:.2f} -> {summary['eval_ppl']:.2f})")
+    print(f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_memory_mib']:,.0f} MiB")
+    for s in samples:
+        print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
+    print("\nwritten: " + ", ".join(str(p) for p in written))
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
