@@ -20,21 +20,20 @@ from pathlib import Path
 
 import torch
 
-from minituner.batching import pack, pad_collate, real_token_fraction
+from minituner.batching import pack, pad_collate
 from minituner.checkpoint import load_pretrained
-from minituner.cli import (add_method_flags, add_training_flags, lora_options, resolve_resume, run_config, run_main,
-                           settle, train_options)
+from minituner.cli import (add_method_flags, add_training_flags, greedy_texts, lora_options, print_outcome,
+                           real_token_share, resolve_resume, run_config, run_main, settle, train_options)
 from minituner.distributed import init_runtime, shutdown
 from minituner.errors import UserError
 from minituner.export import export_run
 from minituner.formats import FORMATS, read_conversations, split_validation
-from minituner.generate import generate
 from minituner.lora import apply_lora, trainable_report
 from minituner.precision import POLICIES
 from minituner.sft import build_examples, prompt_ids, show_mask
 from minituner.state import write_json
 from minituner.templates import TEMPLATES, check_template, default_template, stop_ids
-from minituner.trainer import micro_batches, step_examples, train
+from minituner.trainer import train
 
 SCRIPT = "train_instruct"
 
@@ -96,7 +95,7 @@ def run(argv=None) -> int:
         n = len(train_set)
         train_set = pack(train_set, max_len)
         say(f"packing: {n} examples in {len(train_set)} rows of at most {max_len} tokens")
-    say(f"real (non-pad) tokens: {padding_share(train_set, options, runtime.world_size):.1%} of the first epoch")
+    say(f"real (non-pad) tokens: {real_token_share(train_set, options, runtime.world_size):.1%} of the first epoch")
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     # Samples before training, from the untouched base; then the adapters, if any
@@ -104,7 +103,7 @@ def run(argv=None) -> int:
     room = max(1, max_len - args.max_new_tokens)  # a long prompt keeps its end, where the question is
     prompts = [prompt_ids(conv, tokenizer, template)[-room:] for conv in held_out]
     stops = stop_ids(template, tokenizer)
-    before = complete(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
+    before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
     if lora:
         apply_lora(model, **lora)
     say(trainable_report(model))
@@ -117,7 +116,7 @@ def run(argv=None) -> int:
         shutdown(runtime)
         return 130
     if runtime.is_main:
-        after = complete(model, tokenizer, prompts, stops, args.max_new_tokens)
+        after = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens)
         samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": conv[-1]["content"],
                     "before": b, "after": a} for p, b, a, conv in zip(prompts, before, after, held_out)]
         write_json(f"{args.out}/samples.json", {"samples": samples})
@@ -127,7 +126,7 @@ def run(argv=None) -> int:
             apply_lora(fresh, **lora)
         written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
                              base_name=str(Path(args.base).resolve()))
-        print_report(summary, samples, written)
+        print_outcome(summary, samples, written)
     shutdown(runtime)
     return 0
 
@@ -157,41 +156,7 @@ def stats_line(stats: dict) -> str:
     return ", ".join(parts)
 
 
-def padding_share(train_set: list, options, world_size: int) -> float:
-    """The real-token share of the first epoch's micro-batches, batched exactly as the trainer will."""
-    lengths = [len(e["input_ids"]) for e in train_set]
-    global_batch = options.batch_size * options.grad_accum * world_size
-    batches = []
-    for step in range(len(train_set) // global_batch):
-        indices = step_examples(step, n_examples=len(train_set), global_batch=global_batch, seed=options.seed)
-        for rank in range(world_size):
-            batches += micro_batches(indices, lengths, rank=rank, batch_size=options.batch_size,
-                                     grad_accum=options.grad_accum)
-    return real_token_fraction(lengths, batches)
-
-
-@torch.no_grad()
-def complete(model, tokenizer, prompts: list[list[int]], stops: list[int], max_new_tokens: int) -> list[str]:
-    """Greedy answers to `prompts`, without the token that ended them."""
-    if not prompts:
-        return []
-    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)
-    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in outputs]
-
-
-def print_report(summary: dict, samples: list[dict], written) -> None:
-    """The outcome on stdout: losses before and after, cost, the generations, where the results are."""
-    print(f"\n{summary['status']} after {summary['steps']} steps; train loss {summary['train_loss']:.4f}")
-    if summary["eval_loss"] is not None:
-        print(f"validation loss {summary['first_eval_loss']:.4f} -> {summary['eval_loss']:.4f} "
-              f"(perplexity {summary['first_eval_ppl']:.2f} -> {summary['eval_ppl']:.2f})")
-    print(f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
-          f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_memory_mib']:,.0f} MiB")
-    for s in samples:
-        print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
-    print("\nwritten: " + ", ".join(str(p) for p in written))
-
-
+# ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
     return run_main(run, argv)
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from minituner.checkpoint import load_pretrained
-from minituner.config import ModelConfig
+from minituner.config import preset_config
 from minituner.errors import UserError
 from minituner.distributed import Runtime, peak_memory_mib, resolve_device, synchronize
 from minituner.generate import generate, resolve_dtype
@@ -34,10 +34,9 @@ from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dty
 from minituner.trainer import train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
-PRESETS = {
-    "smollm-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
-                        tie_embeddings=True, max_seq_len=2048),
-    "tiny": dict(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=256),
+PRESETS = {  # SmolLM-135M's vocabulary and context with its shape; the tiny test models' (tests/fixtures)
+    "smollm-135m": dict(vocab_size=49152, max_seq_len=2048),
+    "tiny": dict(vocab_size=384, max_seq_len=256),
 }
 
 
@@ -116,7 +115,7 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
     }
 
 
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+def random_model(config, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A randomly initialised model built directly in `dtype` on `device` (no float32 copy first,
     which would inflate the measured peak memory)."""
     torch.manual_seed(0)
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
         if args.model:
             model, _ = load_pretrained(args.model, device=device, dtype=load_dtype)
         else:
-            model = random_model(ModelConfig(**PRESETS[args.preset]), device, load_dtype)
+            model = random_model(preset_config(args.preset, **PRESETS[args.preset]), device, load_dtype)
         if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
             raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
                             f"{model.config.max_seq_len} positions")

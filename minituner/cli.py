@@ -12,11 +12,13 @@ import time
 
 import torch
 
+from minituner.batching import real_token_fraction
 from minituner.errors import UserError
+from minituner.generate import generate
 from minituner.lora import DEFAULT_TARGETS
 from minituner.precision import POLICIES
 from minituner.state import read_run_config
-from minituner.trainer import TrainOptions
+from minituner.trainer import TrainOptions, micro_batches, step_examples
 
 # learning rates that usually work: adapters tolerate (and need) a larger step than full weights
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
@@ -138,3 +140,44 @@ def resolve_precision(name: str, device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+# ----------------------------------------------------------------------------- reporting
+def real_token_share(train_set: list, options: TrainOptions, world_size: int) -> float:
+    """The real (non-pad) share of the first epoch's micro-batch tokens, batched as the trainer will."""
+    lengths = [len(e["input_ids"]) for e in train_set]
+    global_batch = options.batch_size * options.grad_accum * world_size
+    batches = []
+    for step in range(len(train_set) // global_batch):
+        indices = step_examples(step, n_examples=len(train_set), global_batch=global_batch, seed=options.seed)
+        for rank in range(world_size):
+            batches += micro_batches(indices, lengths, rank=rank, batch_size=options.batch_size,
+                                     grad_accum=options.grad_accum)
+    return real_token_fraction(lengths, batches)
+
+
+def greedy_texts(model, tokenizer, prompts: list[list[int]], stops: list[int], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts, as text without the token that ended them."""
+    if not prompts:
+        return []
+    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)
+    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in outputs]
+
+
+def print_outcome(summary: dict, samples: list[dict], written) -> None:
+    """A finished run on stdout: losses and perplexities before and after, cost, samples, folders."""
+    print(f"\n{summary['status']} after {summary['steps']} steps; train loss {summary['train_loss']:.4f}")
+    if summary["eval_loss"] is not None and summary.get("first_eval_loss") is not None:
+        print(f"validation loss {summary['first_eval_loss']:.4f} -> {summary['eval_loss']:.4f} "
+              f"(perplexity {summary['first_eval_ppl']:.2f} -> {summary['eval_ppl']:.2f})")
+    if summary.get("general_loss_after") is not None:
+        print(f"general text loss {summary['general_loss_before']:.4f} -> {summary['general_loss_after']:.4f} "
+              f"(perplexity {summary['general_ppl_before']:.2f} -> {summary['general_ppl_after']:.2f}): "
+              "the cost of specialising")
+    if summary.get("restored_best"):
+        print(f"early stopping restored the weights of step {summary['best_step']}")
+    print(f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_memory_mib']:,.0f} MiB")
+    for s in samples:
+        print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
+    print("\nwritten: " + ", ".join(str(p) for p in written))

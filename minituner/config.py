@@ -71,6 +71,28 @@ class ModelConfig:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_seq_len)
 
 
+# Shapes for models built from scratch (Llama layout, tied embeddings); the vocabulary and the
+# context come from the tokenizer and the data. The comments count the parameters besides the
+# embedding (which adds vocab_size x dim).
+SIZE_PRESETS = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176),  # 0.09 M
+    "small": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512),  # 1.6 M
+    "medium": dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024),  # 12.6 M
+    "smollm-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536),  # 106 M, SmolLM-135M's shape
+}
+
+
+def preset_config(name: str, *, vocab_size: int, max_seq_len: int, **overrides) -> ModelConfig:
+    """A from-scratch ModelConfig of size preset `name`, with any field overridden."""
+    if name not in SIZE_PRESETS:
+        raise UserError(f"size preset {name!r} is not one of {', '.join(SIZE_PRESETS)}")
+    fields = {**SIZE_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, tie_embeddings=True, **fields)
+    except ValueError as e:
+        raise UserError(f"model shape: {e}") from None
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)

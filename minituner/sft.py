@@ -7,7 +7,7 @@ concatenated, so no token straddles a prompt/response boundary and the labels fo
 template's trained flags exactly. (Encoding the whole text at once can merge the last prompt
 characters with the first response ones.) The tokenizer's prefix_ids (BOS) come once at the
 start, masked; its suffix_ids are never added, since a response ends with the template's own end
-token. Message text is encoded with the backend's `encode_special_tokens` on, so "<|im_end|>"
+token. Message text is encoded with Tokenizer.encode_text, so "<|im_end|>"
 typed in a message is plain text and cannot end a turn; the template's scaffolding is encoded
 normally, so its special-token strings become the control ids.
 
@@ -93,21 +93,10 @@ def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
         elif segment.kind == MARKUP:
             piece = tokenizer.encode(segment.text, add_special_tokens=False)
         else:
-            piece = _encode_as_text(tokenizer, segment.text)
+            piece = tokenizer.encode_text(segment.text)
         ids += piece
         trained += [segment.trained] * len(piece)
     return ids, trained
-
-
-def _encode_as_text(tokenizer, text: str) -> list[int]:
-    """Ids of `text` with special-token strings in it encoded as the plain characters they are."""
-    backend = tokenizer.backend
-    before = backend.encode_special_tokens
-    backend.encode_special_tokens = True
-    try:
-        return backend.encode(text, add_special_tokens=False).ids
-    finally:
-        backend.encode_special_tokens = before  # the same tokenizer encodes scaffolding next
 
 
 def prompt_ids(conversation: list[dict], tokenizer, template: str) -> list[int]:

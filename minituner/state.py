@@ -13,6 +13,7 @@
     RUN/model/                       what the scripts export when training ends: the trained model
     RUN/adapter/                     as a Hugging Face folder, a LoRA run's PEFT adapter, and
     RUN/samples.json                 generations before and after training
+    RUN/tokenizer/                   a from-scratch run's tokenizer, trained before its first step
 
 Frozen weights are not stored: they are the base model's, which the run config names.
 Every file is written into a temporary folder that is renamed into place only when complete
@@ -36,7 +37,8 @@ from minituner.errors import UserError, read_json
 
 CHECKPOINTS = "checkpoints"
 # Everything a run folder may hold; a new run refuses a folder holding anything else.
-RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, "model", "adapter", "samples.json"}
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, "model", "adapter", "samples.json",
+             "tokenizer"}
 
 
 def json_safe(value):
@@ -74,6 +76,13 @@ def read_run_config(run_dir) -> dict:
     if config is None:
         raise UserError(f"--resume {run_dir}: not a run folder (it has no config.json)")
     return config
+
+
+def check_new_run(run_dir) -> None:
+    """A UserError if `run_dir` holds a run that could be resumed: a new run must not overwrite it."""
+    if list_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                        "or choose another --out")
 
 
 def checkpoint_path(run_dir, step: int, kind: str = "step") -> Path:

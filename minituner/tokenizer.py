@@ -65,6 +65,17 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of data text: no BOS/EOS added, and special-token strings written in it (a
+        document quoting "<|endoftext|>", a user typing "<|im_end|>") stay the characters they
+        are, so data can never smuggle in a control token."""
+        before = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = True
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = before  # encode() still maps template markup to its ids
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -42,8 +42,9 @@ from minituner.errors import UserError
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
-from minituner.state import (CHECKPOINTS, RUN_FILES, MetricsLog, checkpoint_path, latest_checkpoint, list_checkpoints,
-                             load_checkpoint, prune_bests, prune_checkpoints, rng_state, save_checkpoint, set_rng_state, write_json)
+from minituner.state import (CHECKPOINTS, RUN_FILES, MetricsLog, check_new_run, checkpoint_path, latest_checkpoint,
+                             list_checkpoints, load_checkpoint, prune_bests, prune_checkpoints, rng_state,
+                             save_checkpoint, set_rng_state, write_json)
 
 
 @dataclass
@@ -222,8 +223,13 @@ def _agreed(flag: bool, runtime: Runtime) -> bool:
 
 # ----------------------------------------------------------------------------- the loop
 def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime, run_dir, val_set=None,
-          resume: bool = False, run_config: dict | None = None, progress: bool = True) -> dict:
+          extra_evals: dict | None = None, resume: bool = False, run_config: dict | None = None,
+          progress: bool = True) -> dict:
     """Train the parameters of `model` that require grad, writing the run folder `run_dir`.
+
+    extra_evals {name: examples}: further sets evaluated before the first step and on the final
+    weights (e.g. general text, whose perplexity rising is forgetting); the summary reports
+    NAME_loss_before/_after and NAME_ppl_before/_after.
 
     With resume=True, continue from the newest checkpoint in `run_dir` exactly where it left off.
     Returns the run summary (also written to RUN/summary.json), whose "status" is "completed",
@@ -257,16 +263,20 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
                   "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio, "eval_every": o.eval_every,
                   "patience": o.patience, "min_delta": o.min_delta}
     state = {"step": 0, "updates": 0, "skipped_steps": 0, "tokens": 0, "target_tokens": 0, "status": "running",
-             "train_loss": None, "first_eval_loss": None, "eval_loss": None, "best_eval_loss": None,
+             "train_loss": None, "first_eval_loss": None, "first_extra": {}, "eval_loss": None, "best_eval_loss": None,
              "best_step": None, "bad_evals": 0, "trajectory": trajectory, "run_config": run_config}
     if resume:
         state = _resume(run_dir, trajectory, masters, optimizer, scaler, runtime)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main,
                          resume_step=state["step"] if resume else None)
-    if val_set is not None and not resume:  # the starting point, and a check of the validation set
-        record = _evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime)
-        state["first_eval_loss"] = record["eval_loss"]  # before any training: the summary's point of comparison
-        metrics.write({"step": 0, **record})
+    extra_evals = extra_evals or {}
+    if (val_set is not None or extra_evals) and not resume:  # the starting point, and a check of the data
+        record = {"step": 0}
+        if val_set is not None:
+            record.update(_evaluate_and_track(model, val_set, collate, state, masters, o, run_dir, runtime))
+            state["first_eval_loss"] = record["eval_loss"]  # before any training: the summary's comparison
+        state["first_extra"] = _evaluate_extra(model, extra_evals, collate, o, runtime)
+        metrics.write({**record, **state["first_extra"]})
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (progress and runtime.is_main))
     start, tokens_before = time.perf_counter(), state["tokens"]
@@ -308,6 +318,12 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     restored = _restore_best(run_dir, state, masters, o, runtime)
     summary = _summary(state, model, masters, o, runtime, restored=restored, total_steps=total_steps,
                        global_batch=global_batch, wall=time.perf_counter() - start, tokens_before=tokens_before)
+    if extra_evals and state["status"] != "interrupted":  # on the weights the run ends with
+        final = _evaluate_extra(model, extra_evals, collate, o, runtime)
+        if state["tokens"] > tokens_before:  # not again when resuming a finished run
+            metrics.write({"step": state["step"], "final": True, **final})
+        for key, value in final.items():  # NAME_loss -> NAME_loss_before, NAME_loss_after
+            summary.update({f"{key}_before": state.get("first_extra", {}).get(key), f"{key}_after": value})
     trained_now = state["tokens"] > tokens_before  # resuming a finished run keeps its summary's timings
     if runtime.is_main and (trained_now or not (run_dir / "summary.json").is_file()):
         write_json(run_dir / "summary.json", summary)
@@ -323,7 +339,7 @@ def _account(state: dict, out: dict, *, lr: float, loss_scale: float, seconds: f
     state["tokens"] += out["tokens"]
     state["target_tokens"] += out["target_tokens"]
     state["train_loss"] = out["loss"]
-    return {"step": state["step"], "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+    return {"step": state["step"], "loss": out["loss"], "ppl": _ppl(out["loss"]), "lr": lr, "grad_norm": out["grad_norm"],
             "loss_scale": loss_scale, "skipped": out["skipped"], "tokens_per_s": out["tokens"] / seconds}
 
 
@@ -348,9 +364,12 @@ def _ppl(loss: float | None) -> float | None:
 
 
 def _postfix(record: dict, state: dict) -> dict:
-    shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+    """The bar's fields: train and validation loss and perplexity side by side (overfitting shows
+    as the two drifting apart), then the learning rate, throughput and fp16 loss scale."""
+    shown = {"loss": f"{record['loss']:.4f}", "ppl": f"{record['ppl']:.2f}"}
     if state["eval_loss"] is not None:
-        shown["val"] = f"{state['eval_loss']:.4f}"
+        shown.update(val=f"{state['eval_loss']:.4f}", val_ppl=f"{_ppl(state['eval_loss']):.2f}")
+    shown.update({"lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
     if record["loss_scale"] != 1.0:
         shown["scale"] = f"{record['loss_scale']:.0f}"
     return shown
@@ -359,9 +378,7 @@ def _postfix(record: dict, state: dict) -> dict:
 def _start_fresh(run_dir: Path, run_config: dict | None) -> None:
     """Begin a new run in `run_dir`: a new or empty folder, or the remains of a run that died
     before its first checkpoint (nothing of it could be resumed, so it is cleared)."""
-    if list_checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                        "or choose another --out")
+    check_new_run(run_dir)
     if run_dir.exists():
         if not run_dir.is_dir():
             raise UserError(f"--out {run_dir} is a file, not a folder")
@@ -426,6 +443,15 @@ def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, 
     if state["status"] == "interrupted":
         state["status"] = "running"
     return state
+
+
+def _evaluate_extra(model, sets: dict, collate, o: TrainOptions, runtime: Runtime) -> dict:
+    """{NAME_loss, NAME_ppl} of each extra evaluation set."""
+    out = {}
+    for name, examples in sets.items():
+        loss = evaluate(model, examples, collate, batch_size=o.batch_size, runtime=runtime)
+        out.update({f"{name}_loss": loss, f"{name}_ppl": _ppl(loss)})
+    return out
 
 
 def _evaluate_and_track(model, val_set, collate, state: dict, masters: MasterWeights, o: TrainOptions,

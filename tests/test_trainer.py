@@ -231,8 +231,12 @@ def test_early_stopping_stops_at_the_patience_limit_and_restores_the_best(tmp_pa
     options = TrainOptions(steps=200, batch_size=8, lr=1e-2, eval_every=2, patience=3, schedule="constant",
                            weight_decay=0.0)
     summary = train(model, noise_examples(8, seed=0), toy_train.collate, options=options, runtime=CPU,
-                    run_dir=tmp_path, val_set=val, progress=False)
+                    run_dir=tmp_path, val_set=val, extra_evals={"again": val}, progress=False)
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # an extra set is measured before the first step and on the weights the run ends with: the best
+    assert summary["again_loss_before"] == evals[0]["eval_loss"] == evals[0]["again_loss"]
+    assert evals[-1]["final"] and summary["again_loss_after"] == evals[-1]["again_loss"]
+    assert summary["again_ppl_after"] == pytest.approx(math.exp(summary["again_loss_after"]))
     evals = [(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r]
     best_step, best = min(evals, key=lambda e: e[1])
     assert summary["status"] == "early_stopped"
@@ -240,6 +244,7 @@ def test_early_stopping_stops_at_the_patience_limit_and_restores_the_best(tmp_pa
     assert summary["steps"] == best_step + 3 * 2 == evals[-1][0]  # three evaluations without improvement
     assert summary["best_step"] == best_step and summary["restored_best"]
     assert evaluate(model, val, toy_train.collate, batch_size=8, runtime=CPU) == pytest.approx(best, abs=1e-6)
+    assert summary["again_loss_after"] == pytest.approx(best, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- failures
