@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
+from minituner import trainer
 from minituner.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -47,3 +48,21 @@ def bos_tokenizer(chat_tokenizer):
     backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                            special_tokens=[("<|begin_of_text|>", bos)])
     return Tokenizer(backend, bos_id=bos, eos_id=chat_tokenizer.eos_id, pad_id=chat_tokenizer.pad_id)
+
+
+class StopAfterTwoSteps(trainer.StopRequest):
+    """Patched over trainer.StopRequest: a SIGTERM arriving during the second step (the loop
+    checks `requested` once per step), without the timing of a real signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.checks = 0
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= 2
+
+    @requested.setter
+    def requested(self, value):
+        pass

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_instruct
-from conftest import DATA, FIXTURES
+from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from minituner import trainer
 from minituner.checkpoint import load_adapter, load_pretrained
 
@@ -88,23 +88,6 @@ def test_packed_run_and_show_mask(tmp_path, data, capsys):
     printed = capsys.readouterr().out
     assert "packing: 23 examples in 8 rows of at most 128 tokens" in printed  # 3 examples of 35 tokens per row
     assert "<|im_start|>assistant\n⟦0 0 0<|im_end|>⟧" in printed
-
-
-class StopAfterTwoSteps(trainer.StopRequest):
-    """A SIGTERM arriving during the second step: the loop checks `requested` once per step."""
-
-    def __init__(self):
-        super().__init__()
-        self.checks = 0
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= 2
-
-    @requested.setter
-    def requested(self, value):
-        pass
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch):

@@ -1,0 +1,219 @@
+"""Fine-tuning: further training of a model's weights on domain or task text, every token a
+target, so that it specialises; or, from random weights and a tokenizer trained on the corpus,
+pretraining a small model from scratch.
+
+    python train_finetune.py --base MODEL_DIR --data corpus.txt --val-fraction 0.1 --eval-every 50 --patience 3
+    python train_finetune.py --base MODEL_DIR --data docs/ --general-eval general.txt    # forgetting in view
+    python train_finetune.py --init scratch --preset small --vocab-size 4096 --data corpus.txt --steps 2000
+    python train_finetune.py --resume runs/finetune-...      # continue an interrupted run
+
+The data is a .txt/.md file (documents separated by blank lines), a folder of them, or JSONL with
+a text field (see minituner/corpus.py). The validation split is by document. The two failure
+modes of fine-tuning are measured, not assumed: validation loss against training loss shows
+overfitting (and --patience stops at, and restores, the best point); --general-eval measures a
+second corpus before and after, whose perplexity rising is forgetting. The run folder gets
+config.json, metrics.jsonl, summary.json (perplexities before and after), samples.json
+(continuations of held-out text before and after), model/ (a Hugging Face folder) and, for
+LoRA, adapter/; a from-scratch run also keeps its tokenizer/.
+"""
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from minituner.batching import pad_collate
+from minituner.checkpoint import load_pretrained
+from minituner.cli import (add_method_flags, add_training_flags, greedy_texts, lora_options, print_outcome,
+                           real_token_share, resolve_resume, run_config, run_main, settle, train_options)
+from minituner.config import SIZE_PRESETS, preset_config
+from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
+from minituner.distributed import all_gather_object, init_runtime, shutdown
+from minituner.errors import UserError
+from minituner.export import export_run
+from minituner.lora import apply_lora, trainable_report
+from minituner.model import Transformer
+from minituner.precision import POLICIES
+from minituner.state import check_new_run, write_json
+from minituner.tokenizer import Tokenizer
+from minituner.trainer import train
+
+SCRIPT = "train_finetune"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train_finetune.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--init", choices=["base", "scratch"], default="base",
+                   help="base: start from --base; scratch: random weights and a BPE tokenizer trained on --data")
+    g.add_argument("--base", help="Hugging Face model folder to fine-tune (with --init base)")
+    g.add_argument("--preset", choices=sorted(SIZE_PRESETS), default="small", help="model shape with --init scratch")
+    for name in ("dim", "n-layers", "n-heads", "n-kv-heads", "ffn-dim"):
+        g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
+    g.add_argument("--vocab-size", type=int, default=4096, help="size of the tokenizer trained with --init scratch")
+    g.add_argument("--freeze-embeddings", action="store_true", help="do not train the token (and position) embeddings")
+    g.add_argument("--freeze-layers", type=int, default=0, help="do not train the first N transformer blocks")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="a .txt/.md file, a folder of them, or a JSONL file with a text field")
+    g.add_argument("--text-field", default="text", help="the JSONL field holding each document's text")
+    g.add_argument("--val-data", help="held-out validation text (default: split --val-fraction of --data's documents)")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (0 = none)")
+    g.add_argument("--general-eval", metavar="PATH",
+                   help="a second corpus (e.g. general text) evaluated before and after: the cost of specialising")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="tokens per training row (default: min(1024, the model's context); scratch: 256)")
+    g.add_argument("--layout", choices=["concat", "rows"], default="concat",
+                   help="concat: documents joined into full rows; rows: one document per row, padded")
+    g.add_argument("--isolate-docs", action="store_true",
+                   help="with concat: a token attends only within its own document, and no token is "
+                        "predicted across a document boundary")
+    g.add_argument("--skip-bad", action="store_true", help="skip unreadable files or records with a warning")
+    add_method_flags(p, default="full")
+    add_training_flags(p)
+    args = resolve_resume(p.parse_args(argv), p, SCRIPT)
+    if args.isolate_docs and args.layout != "concat":
+        p.error("--isolate-docs applies to --layout concat (rows hold one document each already)")
+    if not args.data or (args.init == "base") != bool(args.base):
+        p.error("give --data, and --base (to fine-tune) or --init scratch (to pretrain), not both; "
+                "or --resume DIR")
+    return args
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    runtime = init_runtime(args.device)
+    say = print if runtime.is_main else (lambda *a, **k: None)
+    settle(args, runtime.device)
+    options = train_options(args)
+    lora = lora_options(args) if args.method == "lora" else None
+
+    # Documents, split by document so that no held-out text is ever trained on
+    train_docs, val_docs = read_data(args, say)
+    # Model and tokenizer: a pretrained folder, or fresh ones (the tokenizer learns the training documents)
+    if args.init == "base":
+        load_dtype = POLICIES[args.precision] if lora else torch.float32  # a frozen base trains in the compute dtype
+        model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
+        max_len = args.max_len or min(1024, model.config.max_seq_len)
+    else:
+        max_len = args.max_len or 256
+        tokenizer = scratch_tokenizer(args, train_docs, max_len, runtime)
+        model = scratch_model(args, tokenizer, max_len).to(runtime.device)
+    say(f"model: {model_line(model)}")
+    freeze(model, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
+
+    # Token blocks (every token a target), validation and general-text sets
+    blocks = partial(build_blocks, tokenizer=tokenizer, max_len=max_len, layout=args.layout, isolate=args.isolate_docs)
+    train_set, stats = blocks(train_docs)
+    say(f"data: {stats['documents']} documents, {stats['examples']} rows of at most {max_len} tokens, "
+        f"{stats['target_tokens']:,} target tokens")
+    val_set = blocks(val_docs)[0] if val_docs else None
+    extra = {}
+    if args.general_eval:
+        general_docs, report = read_documents(args.general_eval, text_field=args.text_field, skip_bad=args.skip_bad)
+        for line in report["warnings"]:
+            say(f"warning: {line}")
+        extra["general"] = blocks(general_docs)[0]
+    if args.layout == "rows":
+        say(f"real (non-pad) tokens: {real_token_share(train_set, options, runtime.world_size):.1%} of the first epoch")
+    collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+
+    # Samples before training; then the adapters, if any
+    prompts = sample_prompts(val_docs or train_docs, tokenizer, args.samples)
+    stops = [tokenizer.eos_id]
+    before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
+    if lora:
+        apply_lora(model, **lora)
+    say(trainable_report(model))
+
+    summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
+                    extra_evals=extra, resume=args.resume is not None, run_config=run_config(args, SCRIPT),
+                    progress=not args.no_progress)
+    if summary["status"] == "interrupted":
+        say(f"interrupted at step {summary['steps']}; continue with: python train_finetune.py --resume {args.out}")
+        shutdown(runtime)
+        return 130
+    if runtime.is_main:
+        after = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens)
+        samples = [{"prompt": tokenizer.decode(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+        write_json(Path(args.out) / "samples.json", {"samples": samples})
+        del model  # the export rebuilds the model in float32 on the CPU and loads the checkpoint's weights
+        fresh = (load_pretrained(args.base, device="cpu", dtype=torch.float32)[0] if args.init == "base"
+                 else scratch_model(args, tokenizer, max_len))
+        freeze(fresh, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
+        if lora:
+            apply_lora(fresh, **lora)
+        base_name = str(Path(args.base).resolve()) if args.base else None
+        written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None, base_name=base_name)
+        print_outcome(summary, samples, written)
+    shutdown(runtime)
+    return 0
+
+
+# ----------------------------------------------------------------------------- steps of run()
+def read_data(args, say) -> tuple[list[str], list[str]]:
+    """Training and validation documents, from --data (split by document) or --data and --val-data."""
+    docs, report = read_documents(args.data, text_field=args.text_field, skip_bad=args.skip_bad)
+    for line in report["warnings"]:
+        say(f"warning: {line}")
+    if args.val_data:
+        val, val_report = read_documents(args.val_data, text_field=args.text_field, skip_bad=args.skip_bad)
+        for line in val_report["warnings"]:
+            say(f"warning: {line}")
+        return docs, val
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    return split_documents(docs, args.val_fraction, seed=args.seed)
+
+
+def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tokenizer:
+    """A byte-level BPE trained on the training documents by rank 0 and kept in RUN/tokenizer/, so
+    that every process and a resumed run use exactly the same one."""
+    folder = Path(args.out) / "tokenizer"
+    if args.resume is None:
+        check_new_run(args.out)  # never overwrite the tokenizer of a run that could be resumed
+        if runtime.is_main:
+            tokenizer = Tokenizer.train_bpe(train_docs, vocab_size=args.vocab_size, max_len=max_len)
+            folder.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(folder)
+        all_gather_object(None, runtime)  # a barrier: the other processes read what rank 0 wrote
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"--resume {args.out}: the from-scratch run has no tokenizer/ folder")
+    return Tokenizer.from_dir(folder)
+
+
+def scratch_model(args, tokenizer: Tokenizer, max_len: int) -> Transformer:
+    """Random weights of the --preset shape (with overrides), the same for the same --seed."""
+    config = preset_config(args.preset, vocab_size=tokenizer.vocab_size, max_seq_len=max_len, dim=args.dim,
+                           n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                           ffn_dim=args.ffn_dim)
+    torch.manual_seed(args.seed)
+    return Transformer(config)  # initialised by Transformer.init_weights
+
+
+def freeze(model, *, embeddings: bool, layers: int) -> None:
+    """Stop gradients to the embeddings and/or the first `layers` blocks (before LoRA is applied)."""
+    if layers < 0 or layers > model.config.n_layers:
+        raise UserError(f"--freeze-layers {layers}: the model has {model.config.n_layers} blocks")
+    frozen = [f"layers.{i}." for i in range(layers)] + (["embed_tokens.", "embed_positions."] if embeddings else [])
+    for name, p in model.named_parameters():
+        if name.startswith(tuple(frozen)):
+            p.requires_grad_(False)
+
+
+def model_line(model) -> str:
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return (f"{c.model_type}, {n / 1e6:.2f} M parameters, {c.n_layers} layers, dim {c.dim}, "
+            f"vocabulary {c.vocab_size}, context {c.max_seq_len}")
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv=None) -> int:
+    return run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
