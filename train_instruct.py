@@ -27,7 +27,8 @@ from minituner.cli import (add_method_flags, add_training_flags, greedy_texts, l
 from minituner.distributed import init_runtime, shutdown
 from minituner.errors import UserError
 from minituner.export import export_run
-from minituner.formats import FORMATS, read_conversations, split_validation
+from minituner.datafile import split_validation
+from minituner.formats import FORMATS, read_conversations
 from minituner.lora import apply_lora, trainable_report
 from minituner.precision import POLICIES
 from minituner.sft import build_examples, prompt_ids, show_mask

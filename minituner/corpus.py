@@ -24,18 +24,16 @@ it adds one), its text, and EOS, so the model learns where a document ends. Then
           (no text is thrown away); pad_collate pads the rows of a batch.
 """
 
-import json
-import random
 import re
 from pathlib import Path
 
+from minituner.datafile import json_records, note_skip, read_text, split_validation, type_name
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
 LAYOUTS = ("concat", "rows")
-MAX_REASONS = 3  # how many skipped records or files a report quotes
 _BLANK_LINES = re.compile(r"\n\s*\n")  # greedy: any run of blank lines is one break; the next line keeps its indent
 
 
@@ -54,7 +52,7 @@ def read_documents(path, *, text_field: str = "text", skip_bad: bool = False) ->
     report = {"path": str(path), "files": 0, "documents": 0,
               "skipped_bad": 0,  # malformed records, or unreadable files of a folder
               "skipped_unit": "file" if path.is_dir() else "record",
-              "reasons": [],  # the first MAX_REASONS skipped, with their place
+              "reasons": [],  # the first few skipped (datafile.MAX_REASONS), with their place
               "warnings": []}
     docs = _read_folder(path, skip_bad, report) if path.is_dir() else _read_file(path, text_field, skip_bad, report)
     skipped = f"{report['skipped_bad']} bad {report['skipped_unit']}(s) ({'; '.join(report['reasons'])})"
@@ -73,11 +71,11 @@ def _read_folder(folder: Path, skip_bad: bool, report: dict) -> list[str]:
     docs = []
     for file in files:
         try:
-            docs += paragraphs(_read_text(file))
+            docs += paragraphs(read_text(file))
         except UserError as e:
             if not skip_bad:
                 raise
-            _note_skip(report, str(e))
+            note_skip(report, str(e))
         else:
             report["files"] += 1
     return docs
@@ -87,39 +85,19 @@ def _read_file(path: Path, text_field: str, skip_bad: bool, report: dict) -> lis
     suffix = path.suffix.lower()
     if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES:
         raise UserError(f"{path}: expected a .txt, .md, .jsonl or .json file, or a folder of .txt/.md files")
-    text = _read_text(path)
+    text = read_text(path)
     report["files"] = 1
     if suffix in TEXT_SUFFIXES:
         return paragraphs(text)
     docs = []
-    for where, record in _json_records(path, text, skip_bad):
+    for where, record in json_records(path, text, skip_bad):
         try:
             docs.append(_record_text(record, text_field))
         except UserError as e:
             if not skip_bad:
                 raise UserError(f"{where}: {e}") from None
-            _note_skip(report, f"{where}: {e}")
+            note_skip(report, f"{where}: {e}")
     return docs
-
-
-def _note_skip(report: dict, reason: str) -> None:
-    report["skipped_bad"] += 1
-    if len(report["reasons"]) < MAX_REASONS:
-        report["reasons"].append(reason)
-
-
-def _read_text(path: Path) -> str:
-    """The file's text with "\\n" line endings; a UserError if it is not UTF-8 or holds nothing."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is not text
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); convert the file first, "
-                        f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
-    if not text.strip():
-        raise UserError(f"{path}: empty file")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def paragraphs(text: str) -> list[str]:
@@ -129,50 +107,20 @@ def paragraphs(text: str) -> list[str]:
     return [piece for piece in pieces if piece]
 
 
-def _json_records(path: Path, text: str, skip_bad: bool) -> list[tuple[str, object]]:
-    """(where, record) for each record of a JSON array or JSON lines; `where` names file and place.
-
-    With skip_bad, a line that is not valid JSON comes back as (where, UserError).
-    """
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return [(f"{path}: record {i}", record) for i, record in enumerate(data, 1)]
-    records = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            error = UserError(f"invalid JSON at column {e.colno}: {e.msg}")
-            if not skip_bad:
-                raise UserError(f"{path}:{n}: {error}") from None
-            records.append((f"{path}:{n}", error))
-    return records
-
-
 def _record_text(record, field: str) -> str:
     """The document under `field` of one record; a UserError (without its place) if there is none."""
     if isinstance(record, UserError):  # a line that did not parse
         raise record
     if not isinstance(record, dict):
-        raise UserError(f"expected a JSON object, found {_type(record)}")
+        raise UserError(f"expected a JSON object, found {type_name(record)}")
     if field not in record:
         raise UserError(f'field "{field}" is missing (use --text-field to name another)')
     value = record[field]
     if not isinstance(value, str):
-        raise UserError(f'field "{field}" should be a string, found {_type(value)}')
+        raise UserError(f'field "{field}" should be a string, found {type_name(value)}')
     if not value.strip():
         raise UserError(f'field "{field}" is empty')
     return value
-
-
-def _type(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
 
 
 # ----------------------------------------------------------------------------- validation split
@@ -184,16 +132,8 @@ def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[s
     text is ever trained on even when a corpus repeats a paragraph. A fraction > 0 holds out at
     least one text when there are two or more, so that asking for validation never gives none.
     """
-    if not 0 <= fraction < 1:
-        raise UserError(f"validation fraction {fraction} should be at least 0 and below 1")
     texts = list(dict.fromkeys(docs))  # distinct texts, first occurrence first
-    n_val = round(len(texts) * fraction)
-    if fraction > 0 and n_val == 0 and len(texts) >= 2:
-        n_val = 1
-    if n_val >= len(texts):
-        raise UserError(f"holding out {n_val} of {len(texts)} distinct documents for validation leaves none to "
-                        "train on; lower the validation fraction or add documents")
-    held = {texts[i] for i in random.Random(seed).sample(range(len(texts)), n_val)}
+    held = set(split_validation(texts, fraction, seed, what="distinct documents")[1])
     return [d for d in docs if d not in held], [d for d in docs if d in held]
 
 

@@ -26,9 +26,9 @@ often hold JSON lines. Errors name the file and the JSONL line (or the array's r
 """
 
 import json
-import random
 from pathlib import Path
 
+from minituner.datafile import json_records, note_skip, read_text, type_name
 from minituner.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -37,7 +37,6 @@ FORMATS = ("alpaca", "messages", "sharegpt")
 # the tool's reply, which the model must read but not learn to write.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
-MAX_REASONS = 3  # how many skipped records a report quotes
 
 
 def _new_report(path, fmt: str, records: int) -> dict:
@@ -46,7 +45,7 @@ def _new_report(path, fmt: str, records: int) -> dict:
             "conversations": 0,  # conversations read (self-instruct gives one per instance)
             "skipped_bad": 0,  # malformed records skipped with skip_bad=True
             "skipped_undesirable": 0,  # records with "label": false
-            "reasons": [],  # the first MAX_REASONS skipped, with their place
+            "reasons": [],  # the first few skipped (datafile.MAX_REASONS), with their place
             "warnings": []}
 
 
@@ -72,7 +71,8 @@ def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tu
     """
     if format != "auto" and format not in FORMATS:
         raise UserError(f'data format "{format}" is not one of auto, {", ".join(FORMATS)}')
-    records = _read_records(Path(path), skip_bad)
+    path = Path(path)
+    records = json_records(path, read_text(path), skip_bad)
     first = next((r for r in records if isinstance(r[1], dict)), None)
     fmt = format if format != "auto" or first is None else detect_format(*first)
     report = _new_report(path, fmt, len(records))
@@ -83,7 +83,7 @@ def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tu
         except UserError as e:
             if not skip_bad:
                 raise UserError(f"{where}: {e}") from None
-            _note_skip(report, where, str(e))
+            note_skip(report, f"{where}: {e}")
         except _Undesirable:
             report["skipped_undesirable"] += 1
     if not conversations:
@@ -102,67 +102,10 @@ def _convert(fmt: str, record) -> list[list[dict]]:
     if isinstance(record, UserError):  # a JSONL line that did not parse
         raise record
     if not isinstance(record, dict):
-        raise UserError(f"expected a JSON object, found {_type(record)}")
+        raise UserError(f"expected a JSON object, found {type_name(record)}")
     if record.get("label", True) is False:
         raise _Undesirable
     return CONVERTERS[fmt](record)
-
-
-def _note_skip(report: dict, where: str, reason: str) -> None:
-    report["skipped_bad"] += 1
-    if len(report["reasons"]) < MAX_REASONS:
-        report["reasons"].append(f"{where}: {reason}")
-
-
-def _read_records(path: Path, skip_bad: bool) -> list[tuple[str, object]]:
-    """(where, record) for each record of a JSON array or JSONL file; `where` names file and place.
-
-    With skip_bad, a JSONL line that is not valid JSON comes back as (where, UserError).
-    """
-    text = _read_text(path)
-    start = text.lstrip()[:1]
-    if not start:
-        raise UserError(f"{path}: the file is empty")
-    if start == "[":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return [(f"{path}: record {i}", record) for i, record in enumerate(data, 1)]
-    if start != "{":
-        raise UserError(f"{path}: expected a JSON array or JSON lines of objects, found {start!r} first")
-    return _read_json_lines(path, text, skip_bad)
-
-
-def _read_json_lines(path: Path, text: str, skip_bad: bool) -> list[tuple[str, object]]:
-    if "\n" in text.strip():  # one object written over several lines is one record, not broken JSONL
-        try:
-            return [(f"{path}: record 1", json.loads(text))]
-        except json.JSONDecodeError:
-            pass
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            error = UserError(f"invalid JSON at column {e.colno}: {e.msg}")
-            if not skip_bad:
-                raise UserError(f"{path}:{n}: {error}") from None
-            out.append((f"{path}:{n}", error))
-    return out
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is not data
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def detect_format(where: str, record: dict) -> str:
@@ -179,11 +122,6 @@ def detect_format(where: str, record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- fields
-def _type(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
-
-
 def _text(record: dict, names: tuple[str, ...], required: bool = True) -> str:
     """The string under the first of `names` present in `record`; "" for an absent optional field.
 
@@ -197,7 +135,7 @@ def _text(record: dict, names: tuple[str, ...], required: bool = True) -> str:
     if name is None:
         raise UserError(f"field {shown} is missing")
     if not isinstance(value, str):
-        raise UserError(f'field "{name}" should be a string, found {_type(value)}')
+        raise UserError(f'field "{name}" should be a string, found {type_name(value)}')
     if required and not value.strip():
         raise UserError(f'field "{name}" is empty')
     return value
@@ -208,7 +146,7 @@ def _list(record: dict, name: str) -> list:
         raise UserError(f'field "{name}" is missing')
     value = record[name]
     if not isinstance(value, list):
-        raise UserError(f'field "{name}" should be a list, found {_type(value)}')
+        raise UserError(f'field "{name}" should be a list, found {type_name(value)}')
     if not value:
         raise UserError(f'field "{name}" is empty')
     return value
@@ -217,7 +155,7 @@ def _list(record: dict, name: str) -> list:
 def _in_item(prefix: str, read, item):
     """read(item), with errors about `item` prefixed by its place, e.g. `messages[2]: ...`."""
     if not isinstance(item, dict):
-        raise UserError(f"{prefix}: expected an object, found {_type(item)}")
+        raise UserError(f"{prefix}: expected an object, found {type_name(item)}")
     try:
         return read(item)
     except UserError as e:
@@ -249,7 +187,7 @@ def _alpaca_pair(record: dict) -> tuple[str, str]:
 def _messages(record: dict) -> list[list[dict]]:
     label = record.get("label", True)
     if not isinstance(label, bool):
-        raise UserError(f'field "label" should be true or false, found {_type(label)}')
+        raise UserError(f'field "label" should be true or false, found {type_name(label)}')
     items = _list(record, "messages")
     return [_checked("messages", [_in_item(f"messages[{i}]", _message, m) for i, m in enumerate(items)])]
 
@@ -264,7 +202,7 @@ def _message(item: dict) -> dict:
     if isinstance(content, list):  # typed parts: only text can be trained on here
         content = "".join(_in_item(f"content[{i}]", _text_part, part) for i, part in enumerate(content))
     elif not isinstance(content, str):
-        raise UserError(f'field "content" should be a string or a list of text parts, found {_type(content)}')
+        raise UserError(f'field "content" should be a string or a list of text parts, found {type_name(content)}')
     return {"role": role, "content": content}
 
 
@@ -308,7 +246,7 @@ def _tool_list(record: dict) -> list:
     if isinstance(tools, dict):
         tools = [tools]
     if tools is not None and not isinstance(tools, list):
-        raise UserError(f'field "tools" should be a list of function schemas, found {_type(tools)}')
+        raise UserError(f'field "tools" should be a list of function schemas, found {type_name(tools)}')
     return tools or []
 
 
@@ -334,24 +272,3 @@ def _checked(key: str, messages: list[dict]) -> list[dict]:
 
 
 CONVERTERS = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt}
-
-
-# ----------------------------------------------------------------------------- validation split
-def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, val): a random `fraction` of `items` held out, the same for the same seed.
-
-    Both keep the items' order. A fraction > 0 holds out at least one item when there are two or
-    more, so that asking for validation never silently gives none.
-    """
-    if not 0 <= fraction < 1:
-        raise UserError(f"validation fraction {fraction} should be at least 0 and below 1")
-    n_val = round(len(items) * fraction)
-    if fraction > 0 and n_val == 0 and len(items) >= 2:
-        n_val = 1
-    if n_val >= len(items):
-        raise UserError(f"holding out {n_val} of {len(items)} examples for validation leaves none to train on; "
-                        "lower the validation fraction")
-    held = set(random.Random(seed).sample(range(len(items)), n_val))
-    train = [item for i, item in enumerate(items) if i not in held]
-    val = [item for i, item in enumerate(items) if i in held]
-    return train, val

@@ -4,7 +4,8 @@ import pytest
 
 from conftest import DATA
 from minituner.errors import UserError
-from minituner.formats import read_conversations, split_validation
+from minituner.datafile import split_validation
+from minituner.formats import read_conversations
 
 
 def raw(name):
@@ -172,13 +173,13 @@ def test_invalid_json_names_line_and_column(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(UserError, match=r"empty\.json: the file is empty"):
+    with pytest.raises(UserError, match=r"empty\.json: empty file"):
         read_conversations(write(tmp_path, "empty.json", " \n"))
     with pytest.raises(UserError, match=r"none\.json: no usable record \(0 read"):
         read_conversations(write(tmp_path, "none.json", "[]"))
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(jsonl(OK).encode() + '{"instruction": "café", "output": "x"}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+    with pytest.raises(UserError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9\); convert the file"):
         read_conversations(path)
     with pytest.raises(UserError, match=r"missing\.json: no such file"):
         read_conversations(tmp_path / "missing.json")
