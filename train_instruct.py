@@ -24,10 +24,10 @@ from minituner.batching import pack, pad_collate
 from minituner.checkpoint import load_pretrained
 from minituner.cli import (add_method_flags, add_training_flags, greedy_texts, lora_options, print_outcome,
                            real_token_share, resolve_resume, run_config, run_main, settle, train_options)
+from minituner.datafile import split_validation
 from minituner.distributed import init_runtime, shutdown
 from minituner.errors import UserError
 from minituner.export import export_run
-from minituner.datafile import split_validation
 from minituner.formats import FORMATS, read_conversations
 from minituner.lora import apply_lora, trainable_report
 from minituner.precision import POLICIES
