@@ -19,7 +19,14 @@ Templates:
   chatml  <|im_start|>role\\n...<|im_end|>\\n (Qwen, SmolLM, many fine-tunes). A tool turn is role "tool".
   llama3  <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>. A tool turn is role "ipython".
           No <|begin_of_text|> here: the BOS is the tokenizer's prefix_ids, added once.
+  mistral [INST] user [/INST]answer</s> (Mistral Instruct, and the Llama 2 chat family without its
+          <<SYS>> block): a system message opens the first user turn; a tool turn is a user turn.
+          The answer ends with EOS; the BOS is the tokenizer's prefix_ids, added once.
   plain   The prompt's text, a newline, the response, EOS: the least scaffolding that works.
+
+`default_template` reads the model's own chat template (chat_template in tokenizer_config.json, or
+chat_template.jinja) for the markers of these formats, then falls back to the special tokens the
+tokenizer has; a model with neither (a base model such as GPT-2) gets alpaca.
 
 A tokenizer that lacks a template's special tokens is refused (check_template) rather than
 extended: adding tokens means resizing the embedding and output layers and training new rows from
@@ -32,12 +39,15 @@ from typing import NamedTuple
 from minituner.errors import UserError
 
 CONTENT, MARKUP, EOS = "content", "markup", "eos"
-TEMPLATES = ("alpaca", "chatml", "llama3", "plain")
+TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "plain")
 # Tokens each template's scaffolding needs, each as one token of the vocabulary.
-SPECIAL_TOKENS = {"alpaca": (), "plain": (), "chatml": ("<|im_start|>", "<|im_end|>"),
+SPECIAL_TOKENS = {"alpaca": (), "plain": (), "mistral": (), "chatml": ("<|im_start|>", "<|im_end|>"),
                   "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 # The token that ends an assistant turn; None: the tokenizer's EOS.
-END_TOKEN = {"alpaca": None, "plain": None, "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+END_TOKEN = {"alpaca": None, "plain": None, "mistral": None, "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+# What a model's own chat template (Jinja text) writes, for each of ours, in the order tried.
+CHAT_TEMPLATE_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral"),
+                         ("### Instruction", "alpaca"))
 
 ALPACA_INTRO = ("Below is an instruction that describes a task. "
                 "Write a response that appropriately completes the request.")
@@ -122,6 +132,20 @@ def _llama3(conversation: list[dict]):
         yield Segment("<|eot_id|>", trained, MARKUP)
 
 
+def _mistral(conversation: list[dict]):
+    messages = list(conversation)
+    system = messages.pop(0)["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+    for message in messages:
+        if message["role"] == "assistant":
+            yield Segment(message["content"], True)
+            yield Segment("", True, EOS)
+        else:
+            yield Segment("[INST] ", False, MARKUP)
+            yield Segment(system + user_text(message), False)
+            yield Segment(" [/INST]", False, MARKUP)
+            system = ""
+
+
 def _plain(conversation: list[dict]):
     for message in conversation:
         if message["role"] == "assistant":
@@ -132,7 +156,7 @@ def _plain(conversation: list[dict]):
             yield Segment("\n\n" if message["role"] == "system" else "\n", False, MARKUP)
 
 
-RENDERERS = {"alpaca": _alpaca, "chatml": _chatml, "llama3": _llama3, "plain": _plain}
+RENDERERS = {"alpaca": _alpaca, "chatml": _chatml, "llama3": _llama3, "mistral": _mistral, "plain": _plain}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -177,7 +201,14 @@ def check_template(template: str, tokenizer) -> None:
 
 
 def default_template(tokenizer) -> str:
-    """chatml if the tokenizer has ChatML's tokens, llama3 if it has Llama 3's, else alpaca."""
+    """The format of the model's own chat template if it is one of ours; else chatml if the
+    tokenizer has ChatML's tokens, llama3 if it has Llama 3's, else alpaca."""
+    own = tokenizer.chat_template_file or tokenizer.tokenizer_config.get("chat_template")
+    if isinstance(own, list):  # several named templates: [{"name": "default", "template": ...}, ...]
+        own = next((t.get("template") for t in own if isinstance(t, dict) and t.get("name") == "default"), None)
+    for marker, template in CHAT_TEMPLATE_MARKERS:
+        if isinstance(own, str) and marker in own and all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS[template]):
+            return template
     if all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS["chatml"]):
         return "chatml"
     if all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS["llama3"]):

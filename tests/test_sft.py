@@ -12,7 +12,8 @@ from minituner.sft import (MASK_CLOSE, MASK_OPEN, build_example, build_examples,
 from minituner.templates import TEMPLATES, Segment, render
 from minituner.tokenizer import Tokenizer
 
-END = {"alpaca": "<|endoftext|>", "plain": "<|endoftext|>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+END = {"alpaca": "<|endoftext|>", "plain": "<|endoftext|>", "mistral": "<|endoftext|>", "chatml": "<|im_end|>",
+       "llama3": "<|eot_id|>"}
 
 
 def records(name):

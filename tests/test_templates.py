@@ -59,6 +59,13 @@ def test_llama3_has_no_bos_and_calls_the_tool_ipython():
     assert trained(segments) == ["Hello!", "<|eot_id|>", "Sunny.", "<|eot_id|>"]
 
 
+def test_mistral_wraps_user_turns_in_inst_and_ends_answers_with_eos():
+    segments = render([SYSTEM] + TURNS, "mistral")
+    assert text(segments) == ("[INST] Be kind.\n\nHi [/INST]Hello!<EOS>[INST] Weather? [/INST]"
+                              '{"name": "weather"}<EOS>[INST] sunny [/INST]Sunny.<EOS>')
+    assert trained(segments) == ["Hello!", "<EOS>", '{"name": "weather"}', "<EOS>", "Sunny.", "<EOS>"]
+
+
 def test_plain_and_the_alpaca_input_in_other_templates():
     conversation = [SYSTEM, {"role": "user", "content": "Sort.", "input": "b a"}, {"role": "assistant", "content": "a b"}]
     assert text(render(conversation, "plain")) == "Be kind.\n\nSort.\n\nb a\na b<EOS>"
@@ -86,7 +93,7 @@ def test_check_template_names_the_missing_token():
     no_eos = Tokenizer(scratch.backend)
     with pytest.raises(UserError, match="the alpaca template ends each response with the EOS token, and this tokenizer has none"):
         check_template("alpaca", no_eos)
-    with pytest.raises(UserError, match='template "vicuna" is not one of alpaca, chatml, llama3, plain'):
+    with pytest.raises(UserError, match='template "vicuna" is not one of alpaca, chatml, llama3, mistral, plain'):
         check_template("vicuna", tok)
 
 
@@ -99,8 +106,27 @@ def test_default_template_follows_the_tokenizers_special_tokens(chat_tokenizer):
     assert default_template(Tokenizer.train_bpe(["text"], vocab_size=300, special_tokens=("</s>",))) == "alpaca"
 
 
+@pytest.mark.parametrize("jinja, expected", [
+    ("{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "mistral"),
+    ("{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' }}", "llama3"),
+    ("{{ '### Instruction:\\n' + m['content'] }}", "alpaca"),
+    ("{{ m['content'] }}", "chatml"),  # unknown: the tokenizer's tokens decide
+])
+def test_default_template_follows_the_models_own_chat_template(chat_tokenizer, jinja, expected):
+    """A chat template that names a format wins over the tokens the tokenizer happens to have
+    (chat_tokenizer has ChatML's and Llama 3's), as long as the tokenizer can write it."""
+    tok = Tokenizer(chat_tokenizer.backend, eos_id=chat_tokenizer.eos_id, tokenizer_config={"chat_template": jinja})
+    assert default_template(tok) == expected
+    listed = Tokenizer(chat_tokenizer.backend, eos_id=chat_tokenizer.eos_id,
+                       tokenizer_config={"chat_template": [{"name": "tool_use", "template": "x"},
+                                                          {"name": "default", "template": jinja}]})
+    assert default_template(listed) == expected
+    from_file = Tokenizer(chat_tokenizer.backend, eos_id=chat_tokenizer.eos_id, chat_template_file=jinja)
+    assert default_template(from_file) == expected
+
+
 def test_stop_ids_are_the_templates_end_token_and_the_tokenizers(chat_tokenizer):
     eos, im_end, eot = (chat_tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>"))
     assert stop_ids("chatml", chat_tokenizer) == sorted([eos, im_end])
     assert stop_ids("llama3", chat_tokenizer) == sorted([eos, eot])
-    assert stop_ids("alpaca", chat_tokenizer) == stop_ids("plain", chat_tokenizer) == [eos]
+    assert stop_ids("alpaca", chat_tokenizer) == stop_ids("plain", chat_tokenizer) == stop_ids("mistral", chat_tokenizer) == [eos]
