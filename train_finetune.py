@@ -26,8 +26,9 @@ import torch
 
 from minituner.batching import pad_collate
 from minituner.checkpoint import load_pretrained
-from minituner.cli import (add_method_flags, add_training_flags, greedy_texts, lora_options, print_outcome,
-                           real_token_share, resolve_resume, run_config, run_main, settle, train_options)
+from minituner.cli import (add_method_flags, add_training_flags, check_max_len, greedy_texts, lora_options,
+                           print_outcome, real_token_share, resolve_resume, run_config, run_main, settle,
+                           train_options)
 from minituner.config import SIZE_PRESETS, preset_config
 from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
 from minituner.distributed import all_gather_object, init_runtime, shutdown
@@ -36,11 +37,13 @@ from minituner.export import export_run
 from minituner.lora import apply_lora, trainable_report
 from minituner.model import Transformer
 from minituner.precision import POLICIES
-from minituner.state import check_new_run, write_json
+from minituner.state import write_json
 from minituner.tokenizer import Tokenizer
 from minituner.trainer import train
 
 SCRIPT = "train_finetune"
+SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")  # ModelConfig fields, as --dim etc.
+SCRATCH_LR = 1e-3  # random weights need far larger steps than a pretrained model's 2e-5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="base: start from --base; scratch: random weights and a BPE tokenizer trained on --data")
     g.add_argument("--base", help="Hugging Face model folder to fine-tune (with --init base)")
     g.add_argument("--preset", choices=sorted(SIZE_PRESETS), default="small", help="model shape with --init scratch")
-    for name in ("dim", "n-layers", "n-heads", "n-kv-heads", "ffn-dim"):
-        g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
+    for name in SHAPE_FLAGS:
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}")
     g.add_argument("--vocab-size", type=int, default=4096, help="size of the tokenizer trained with --init scratch")
-    g.add_argument("--freeze-embeddings", action="store_true", help="do not train the token (and position) embeddings")
+    g.add_argument("--freeze-embeddings", action="store_true",
+                   help="do not train the token (and position) embeddings; with tied embeddings (GPT-2, SmolLM, "
+                        "from scratch) that is the output layer too")
     g.add_argument("--freeze-layers", type=int, default=0, help="do not train the first N transformer blocks")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="a .txt/.md file, a folder of them, or a JSONL file with a text field")
@@ -76,6 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = resolve_resume(p.parse_args(argv), p, SCRIPT)
     if args.isolate_docs and args.layout != "concat":
         p.error("--isolate-docs applies to --layout concat (rows hold one document each already)")
+    if args.method == "lora" and (args.freeze_embeddings or args.freeze_layers):
+        p.error("--freeze-embeddings and --freeze-layers apply to --method full (LoRA freezes the whole base)")
+    scratch_only = [f"--{name}" for name in ("preset", "vocab_size", *SHAPE_FLAGS)
+                    if getattr(args, name) != p.get_default(name)]
+    if args.init == "base" and scratch_only and args.resume is None:
+        p.error(f"{', '.join(scratch_only).replace('_', '-')} shape a model built with --init scratch, not --base")
     if not args.data or (args.init == "base") != bool(args.base):
         p.error("give --data, and --base (to fine-tune) or --init scratch (to pretrain), not both; "
                 "or --resume DIR")
@@ -86,7 +97,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
-    settle(args, runtime.device)
+    settle(args, runtime.device, default_lr=SCRATCH_LR if args.init == "scratch" else None)
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
 
@@ -97,6 +108,7 @@ def run(argv=None) -> int:
         load_dtype = POLICIES[args.precision] if lora else torch.float32  # a frozen base trains in the compute dtype
         model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
         max_len = args.max_len or min(1024, model.config.max_seq_len)
+        check_max_len(max_len, model.config, say)
     else:
         max_len = args.max_len or 256
         tokenizer = scratch_tokenizer(args, train_docs, max_len, runtime)
@@ -116,8 +128,9 @@ def run(argv=None) -> int:
         for line in report["warnings"]:
             say(f"warning: {line}")
         extra["general"] = blocks(general_docs)[0]
-    if args.layout == "rows":
-        say(f"real (non-pad) tokens: {real_token_share(train_set, options, runtime.world_size):.1%} of the first epoch")
+    share = real_token_share(train_set, options, runtime.world_size) if args.layout == "rows" else None
+    if share is not None:
+        say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     # Samples before training; then the adapters, if any
@@ -125,6 +138,7 @@ def run(argv=None) -> int:
     stops = [tokenizer.eos_id]
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
     if lora:
+        torch.manual_seed(args.seed)  # the adapters' initialisation follows --seed
         apply_lora(model, **lora)
     say(trainable_report(model))
 
@@ -172,8 +186,7 @@ def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tok
     """A byte-level BPE trained on the training documents by rank 0 and kept in RUN/tokenizer/, so
     that every process and a resumed run use exactly the same one."""
     folder = Path(args.out) / "tokenizer"
-    if args.resume is None:
-        check_new_run(args.out)  # never overwrite the tokenizer of a run that could be resumed
+    if args.resume is None:  # (settle has checked that the folder holds no run whose tokenizer this would replace)
         if runtime.is_main:
             tokenizer = Tokenizer.train_bpe(train_docs, vocab_size=args.vocab_size, max_len=max_len)
             folder.mkdir(parents=True, exist_ok=True)
@@ -186,9 +199,8 @@ def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tok
 
 def scratch_model(args, tokenizer: Tokenizer, max_len: int) -> Transformer:
     """Random weights of the --preset shape (with overrides), the same for the same --seed."""
-    config = preset_config(args.preset, vocab_size=tokenizer.vocab_size, max_seq_len=max_len, dim=args.dim,
-                           n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                           ffn_dim=args.ffn_dim)
+    config = preset_config(args.preset, vocab_size=tokenizer.vocab_size, max_seq_len=max_len,
+                           **{name: getattr(args, name) for name in SHAPE_FLAGS})
     torch.manual_seed(args.seed)
     return Transformer(config)  # initialised by Transformer.init_weights
 

@@ -22,8 +22,9 @@ import torch
 
 from minituner.batching import pack, pad_collate
 from minituner.checkpoint import load_pretrained
-from minituner.cli import (add_method_flags, add_training_flags, greedy_texts, lora_options, print_outcome,
-                           real_token_share, resolve_resume, run_config, run_main, settle, train_options)
+from minituner.cli import (add_method_flags, add_training_flags, check_max_len, greedy_texts, lora_options,
+                           print_outcome, real_token_share, resolve_resume, run_config, run_main, settle,
+                           train_options)
 from minituner.datafile import split_validation
 from minituner.distributed import init_runtime, shutdown
 from minituner.errors import UserError
@@ -79,6 +80,7 @@ def run(argv=None) -> int:
     template = default_template(tokenizer) if args.template == "auto" else args.template
     check_template(template, tokenizer)
     max_len = args.max_len or min(2048, model.config.max_seq_len)
+    check_max_len(max_len, model.config, say)
 
     # Data: conversations -> (validation split) -> token ids with the loss mask -> (packing)
     train_convs, val_convs = read_data(args, say)
@@ -96,16 +98,19 @@ def run(argv=None) -> int:
         n = len(train_set)
         train_set = pack(train_set, max_len)
         say(f"packing: {n} examples in {len(train_set)} rows of at most {max_len} tokens")
-    say(f"real (non-pad) tokens: {real_token_share(train_set, options, runtime.world_size):.1%} of the first epoch")
+    share = real_token_share(train_set, options, runtime.world_size)
+    if share is not None:
+        say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     # Samples before training, from the untouched base; then the adapters, if any
     held_out = (val_convs or train_convs)[:args.samples]
-    room = max(1, max_len - args.max_new_tokens)  # a long prompt keeps its end, where the question is
-    prompts = [prompt_ids(conv, tokenizer, template)[-room:] for conv in held_out]
+    prompts = [fit_prompt(prompt_ids(conv, tokenizer, template), len(tokenizer.prefix_ids), max_len - args.max_new_tokens)
+               for conv in held_out]
     stops = stop_ids(template, tokenizer)
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
     if lora:
+        torch.manual_seed(args.seed)  # the adapters' initialisation follows --seed
         apply_lora(model, **lora)
     say(trainable_report(model))
 
@@ -124,7 +129,7 @@ def run(argv=None) -> int:
         del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
         fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
         if lora:
-            apply_lora(fresh, **lora)
+            apply_lora(fresh, **lora)  # its initial values are replaced by the trained ones
         written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
                              base_name=str(Path(args.base).resolve()))
         print_outcome(summary, samples, written)
@@ -146,6 +151,13 @@ def read_data(args, say) -> tuple[list, list]:
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
     return split_validation(conversations, args.val_fraction, seed=args.seed)
+
+
+def fit_prompt(ids: list[int], n_prefix: int, room: int) -> list[int]:
+    """A prompt cut to `room` tokens: its BOS and its end, where the question is, are kept."""
+    if len(ids) <= room:
+        return ids
+    return ids[:n_prefix] + ids[len(ids) - max(1, room - n_prefix):]
 
 
 def stats_line(stats: dict) -> str:

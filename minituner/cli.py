@@ -7,8 +7,10 @@ only holds what would otherwise be written twice.
 """
 
 import argparse
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,9 +19,10 @@ from minituner.errors import UserError
 from minituner.generate import generate
 from minituner.lora import DEFAULT_TARGETS
 from minituner.precision import POLICIES
-from minituner.state import read_run_config
+from minituner.state import check_new_run, latest_checkpoint, read_run_config
 from minituner.trainer import TrainOptions, micro_batches, step_examples
 
+PATH_FLAGS = ("base", "data", "val_data", "general_eval")
 # learning rates that usually work: adapters tolerate (and need) a larger step than full weights
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
@@ -94,12 +97,43 @@ def run_config(args: argparse.Namespace, script: str) -> dict:
     return {"script": script, **{k: v for k, v in vars(args).items() if k != "resume"}}
 
 
-def settle(args: argparse.Namespace, device: torch.device) -> None:
+def settle(args: argparse.Namespace, device: torch.device, default_lr: float | None = None) -> None:
     """Fill in the options whose default depends on the device or the method, so that
-    config.json records what ran and a resumed run (maybe elsewhere) runs the same."""
+    config.json records what ran and a resumed run (maybe elsewhere) runs the same; and check
+    early what would otherwise fail only after the model and data are loaded."""
     args.precision = resolve_precision(args.precision, device)
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.method]
+        args.lr = default_lr or DEFAULT_LR[args.method]
+    if args.patience and (not args.eval_every or (args.val_fraction == 0 and not args.val_data)):
+        raise UserError("--patience needs validation data (--val-fraction > 0 or --val-data) and --eval-every > 0")
+    if args.max_len is not None and args.max_len < 3:
+        raise UserError(f"--max-len {args.max_len}: a row needs at least 3 tokens")
+    if args.samples < 0 or args.max_new_tokens < 1:
+        raise UserError("--samples must be >= 0 and --max-new-tokens >= 1")
+    for flag in PATH_FLAGS:  # absolute, so that config.json (and --resume) work from any folder
+        path = getattr(args, flag, None)
+        if path and not Path(path).exists():
+            raise UserError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+        if path:
+            setattr(args, flag, str(Path(path).resolve()))
+    if args.val_data and args.val_data == args.data:
+        raise UserError("--val-data is the --data file itself: validation must be held out")
+    if args.resume is None:
+        check_new_run(args.out)  # before any work: refuse a folder holding a run
+    else:
+        latest_checkpoint(args.out)  # before any work: a run with nothing to resume from
+
+
+def check_max_len(max_len: int, config, say) -> None:
+    """A row longer than the model's context: impossible with learned positions (GPT-2), and
+    with rotary positions a stretch beyond what the model was trained on (said, not refused)."""
+    if max_len <= config.max_seq_len:
+        return
+    if config.positions == "learned":
+        raise UserError(f"--max-len {max_len} exceeds the model's {config.max_seq_len} learned positions; "
+                        f"use --max-len {config.max_seq_len} or less")
+    say(f"note: --max-len {max_len} exceeds the model's context ({config.max_seq_len} tokens): it will be "
+        "trained on positions it has not seen")
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
@@ -143,12 +177,16 @@ def resolve_precision(name: str, device) -> str:
 
 
 # ----------------------------------------------------------------------------- reporting
-def real_token_share(train_set: list, options: TrainOptions, world_size: int) -> float:
-    """The real (non-pad) share of the first epoch's micro-batch tokens, batched as the trainer will."""
+def real_token_share(train_set: list, options: TrainOptions, world_size: int) -> float | None:
+    """The real (non-pad) share of the tokens of the first (up to) 100 steps' micro-batches,
+    batched exactly as the trainer will."""
     lengths = [len(e["input_ids"]) for e in train_set]
     global_batch = options.batch_size * options.grad_accum * world_size
     batches = []
-    for step in range(len(train_set) // global_batch):
+    steps = min(100, len(train_set) // global_batch)
+    if steps == 0:
+        return None
+    for step in range(steps):
         indices = step_examples(step, n_examples=len(train_set), global_batch=global_batch, seed=options.seed)
         for rank in range(world_size):
             batches += micro_batches(indices, lengths, rank=rank, batch_size=options.batch_size,
@@ -169,15 +207,23 @@ def print_outcome(summary: dict, samples: list[dict], written) -> None:
     print(f"\n{summary['status']} after {summary['steps']} steps; train loss {summary['train_loss']:.4f}")
     if summary["eval_loss"] is not None and summary.get("first_eval_loss") is not None:
         print(f"validation loss {summary['first_eval_loss']:.4f} -> {summary['eval_loss']:.4f} "
-              f"(perplexity {summary['first_eval_ppl']:.2f} -> {summary['eval_ppl']:.2f})")
+              f"(perplexity {_ppl(summary['first_eval_ppl'])} -> {_ppl(summary['eval_ppl'])})")
     if summary.get("general_loss_after") is not None:
         print(f"general text loss {summary['general_loss_before']:.4f} -> {summary['general_loss_after']:.4f} "
-              f"(perplexity {summary['general_ppl_before']:.2f} -> {summary['general_ppl_after']:.2f}): "
+              f"(perplexity {_ppl(summary['general_ppl_before'])} -> {_ppl(summary['general_ppl_after'])}): "
               "the cost of specialising")
     if summary.get("restored_best"):
         print(f"early stopping restored the weights of step {summary['best_step']}")
+    speed = f"{summary['tokens_per_s']:,.0f} tokens/s, " if summary.get("tokens_per_s") else ""
     print(f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
-          f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_memory_mib']:,.0f} MiB")
+          f"{speed}peak memory {summary['peak_memory_mib']:,.0f} MiB")
     for s in samples:
         print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
     print("\nwritten: " + ", ".join(str(p) for p in written))
+
+
+def _ppl(value: float | None) -> str:
+    """A perplexity for people: 2 decimals, or powers of ten once it is astronomic (diverged)."""
+    if value is None or not math.isfinite(value):
+        return "inf"
+    return f"{value:.2f}" if value < 1e6 else f"{value:.2e}"

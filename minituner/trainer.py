@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from minituner.distributed import (Runtime, all_gather_object, all_reduce_sum_, broadcast_, peak_memory_mib,
                                    synchronize)
-from minituner.errors import UserError
+from minituner.errors import UserError, read_json
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
@@ -279,7 +279,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
         metrics.write({**record, **state["first_extra"]})
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (progress and runtime.is_main))
-    start, tokens_before = time.perf_counter(), state["tokens"]
+    start, tokens_before, seconds_before = time.perf_counter(), state["tokens"], state.get("step_seconds", 0.0)
     model.train()
     with StopRequest() as stop:
         while state["step"] < total_steps and state["status"] == "running":
@@ -316,16 +316,18 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     if state["status"] == "running":
         state["status"] = "completed"
     restored = _restore_best(run_dir, state, masters, o, runtime)
+    saved = read_json(run_dir / "summary.json")
+    if state["tokens"] == tokens_before and saved and saved.get("status") != "interrupted":
+        return saved  # a finished run resumed: nothing new happened, its summary stands
     summary = _summary(state, model, masters, o, runtime, restored=restored, total_steps=total_steps,
-                       global_batch=global_batch, wall=time.perf_counter() - start, tokens_before=tokens_before)
+                       global_batch=global_batch, wall=time.perf_counter() - start,
+                       throughput=(state["tokens"] - tokens_before, state.get("step_seconds", 0.0) - seconds_before))
     if extra_evals and state["status"] != "interrupted":  # on the weights the run ends with
         final = _evaluate_extra(model, extra_evals, collate, o, runtime)
-        if state["tokens"] > tokens_before:  # not again when resuming a finished run
-            metrics.write({"step": state["step"], "final": True, **final})
+        metrics.write({"step": state["step"], "final": True, "weights_of_step": summary["weights_of_step"], **final})
         for key, value in final.items():  # NAME_loss -> NAME_loss_before, NAME_loss_after
             summary.update({f"{key}_before": state.get("first_extra", {}).get(key), f"{key}_after": value})
-    trained_now = state["tokens"] > tokens_before  # resuming a finished run keeps its summary's timings
-    if runtime.is_main and (trained_now or not (run_dir / "summary.json").is_file()):
+    if runtime.is_main:
         write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -339,20 +341,27 @@ def _account(state: dict, out: dict, *, lr: float, loss_scale: float, seconds: f
     state["tokens"] += out["tokens"]
     state["target_tokens"] += out["target_tokens"]
     state["train_loss"] = out["loss"]
+    state["step_seconds"] = state.get("step_seconds", 0.0) + seconds  # training time, evaluation not included
     return {"step": state["step"], "loss": out["loss"], "ppl": _ppl(out["loss"]), "lr": lr, "grad_norm": out["grad_norm"],
             "loss_scale": loss_scale, "skipped": out["skipped"], "tokens_per_s": out["tokens"] / seconds}
 
 
 def _summary(state: dict, model, masters: MasterWeights, o: TrainOptions, runtime: Runtime, *, restored: bool,
-             total_steps: int, global_batch: int, wall: float, tokens_before: int) -> dict:
+             total_steps: int, global_batch: int, wall: float, throughput: tuple[int, float]) -> dict:
+    """The run's outcome. eval_loss is that of the weights the run ends with (the best evaluation's
+    when early stopping restored them; last_eval_loss is then the last evaluation's). tokens_per_s
+    is this session's training throughput (tokens, padding included, over the steps' own time)."""
+    final_loss = state["best_eval_loss"] if restored else state["eval_loss"]
+    tokens, seconds = throughput
     return {"status": state["status"], "steps": state["step"], "total_steps": total_steps,
             "optimizer_steps": state["updates"], "skipped_steps": state["skipped_steps"],
+            "weights_of_step": state["best_step"] if restored else state["step"],
             "train_loss": state["train_loss"], "first_eval_loss": state.get("first_eval_loss"),
             "first_eval_ppl": _ppl(state.get("first_eval_loss")),
-            "eval_loss": state["eval_loss"], "eval_ppl": _ppl(state["eval_loss"]),
+            "eval_loss": final_loss, "eval_ppl": _ppl(final_loss), "last_eval_loss": state["eval_loss"],
             "best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"], "restored_best": restored,
             "tokens": state["tokens"], "target_tokens": state["target_tokens"], "wall_time_s": round(wall, 3),
-            "tokens_per_s": round((state["tokens"] - tokens_before) / max(wall, 1e-9), 1),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             "peak_memory_mib": round(peak_memory_mib(runtime.device), 1), "precision": o.precision,
             "trainable_params": sum(m.numel() for m in masters.masters),
             "total_params": sum(p.numel() for p in model.parameters()),

@@ -75,6 +75,9 @@ def test_early_stopping_on_an_overfitting_run_restores_the_best(tmp_path):
     best_step, best = min(evals, key=lambda e: e[1])
     assert summary["status"] == "early_stopped" and summary["steps"] < 200
     assert evals[0][1] > best < evals[-1][1] and summary["best_step"] == best_step and summary["restored_best"]
+    # the summary's "after" describes the weights the run ends with, not the last evaluation's
+    assert summary["eval_loss"] == best and summary["last_eval_loss"] == evals[-1][1]
+    assert summary["weights_of_step"] == best_step
     model, _ = load_pretrained(out / "model")
     kept = load_file(out / "checkpoints" / f"best-{best_step:06d}" / "trainable.safetensors")
     assert all(torch.equal(p, kept[name]) for name, p in model.named_parameters())

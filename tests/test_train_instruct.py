@@ -114,7 +114,10 @@ def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--data", "missing.json"], "missing.json"),
     (["--template", "llama3"], 'needs "<|start_header_id|>"'),
-    (["--max-len", "1"], "no training example fits"),
+    (["--max-len", "1"], "--max-len 1: a row needs at least 3 tokens"),
+    (["--base", str(FIXTURES / "gpt2-tiny"), "--max-len", "4096"], "--max-len 4096 exceeds the model's 128 learned"),
+    (["--patience", "2"], "--patience needs validation data (--val-fraction > 0 or --val-data) and --eval-every > 0"),
+    (["--samples", "-1"], "--samples must be >= 0"),
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--lora-targets", "qkv"], "'qkv' matches none"),
 ])
@@ -139,3 +142,27 @@ def test_real_sharegpt_file_under_torchrun(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["template"] == "auto"
     assert done.stdout.count("written:") == 1
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_folder_holding_a_run_is_refused_before_any_work(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert run(out, data, "--steps", "1") == 0
+    assert run(out, data, "--steps", "1") == 2
+    assert f"{out} already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert train_instruct.main(["--resume", str(tmp_path / "nothing")]) == 2
+
+
+def test_the_seed_fixes_the_adapters_initialisation(tmp_path, data):
+    for name in ("a", "b"):
+        assert run(tmp_path / name, data, "--steps", "1", "--seed", "7") == 0
+    a, b = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_records_absolute_paths_so_resume_works_from_elsewhere(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    argv = ["--base", "tests/fixtures/llama-tiny", "--data", data, "--out", str(out), "--steps", "1", "--no-progress"]
+    assert train_instruct.main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["base"] == BASE and Path(config["data"]).is_absolute()
