@@ -4,8 +4,10 @@ document, and the token blocks every token of which is trained.
 Where documents come from:
   .txt / .md     paragraphs: a document ends at one or more blank lines (lines holding only
                  whitespace count as blank; Windows and old Mac line endings are read as "\\n").
-  a folder       every .txt and .md file below it, recursively, in sorted path order, each read
-                 as above (a folder of one-paragraph files gives one document per file). Hidden
+                 One file has to be cut somewhere to hold documents out for validation.
+  a folder       one document per .txt or .md file below it, recursively, in sorted path order:
+                 an article, a chapter or a README stays whole (headings and code blocks are not
+                 documents of their own), and the validation split holds out whole files. Hidden
                  files and folders (a name starting with ".") are left out.
   .jsonl / .json one document per record, the string under a named field ("text" by default); a
                  file is a JSON array of objects or JSON lines, told apart by its first character.
@@ -24,10 +26,12 @@ it adds one), its text, and EOS, so the model learns where a document ends. Then
           (no text is thrown away); pad_collate pads the rows of a batch.
 """
 
+import random
 import re
+from collections import Counter
 from pathlib import Path
 
-from minituner.datafile import json_records, note_skip, read_text, split_validation, type_name
+from minituner.datafile import json_records, note_skip, read_text, type_name
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
 
@@ -71,7 +75,7 @@ def _read_folder(folder: Path, skip_bad: bool, report: dict) -> list[str]:
     docs = []
     for file in files:
         try:
-            docs += paragraphs(read_text(file))
+            docs.append(read_text(file).strip("\n"))
         except UserError as e:
             if not skip_bad:
                 raise
@@ -90,7 +94,7 @@ def _read_file(path: Path, text_field: str, skip_bad: bool, report: dict) -> lis
     if suffix in TEXT_SUFFIXES:
         return paragraphs(text)
     docs = []
-    for where, record in json_records(path, text, skip_bad):
+    for where, record in json_records(path, text):
         try:
             docs.append(_record_text(record, text_field))
         except UserError as e:
@@ -120,20 +124,37 @@ def _record_text(record, field: str) -> str:
         raise UserError(f'field "{field}" should be a string, found {type_name(value)}')
     if not value.strip():
         raise UserError(f'field "{field}" is empty')
-    return value
+    return value.replace("\r\n", "\n").replace("\r", "\n")  # as in text files
 
 
 # ----------------------------------------------------------------------------- validation split
 def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train_docs, val_docs): a random `fraction` of the documents held out, the same for the same
+    """(train_docs, val_docs): about `fraction` of the documents held out, the same for the same
     seed, both in corpus order.
 
     The split is by document text: every copy of a held-out text is held out, so no validation
-    text is ever trained on even when a corpus repeats a paragraph. A fraction > 0 holds out at
-    least one text when there are two or more, so that asking for validation never gives none.
+    text is ever trained on even when a corpus repeats a paragraph. Texts are taken in a seeded
+    order while their copies fit the share asked for, so a text repeated 500 times (a footer)
+    is not held out on its own. A fraction > 0 holds out at least one text when there are two
+    or more, so that asking for validation never gives none.
     """
-    texts = list(dict.fromkeys(docs))  # distinct texts, first occurrence first
-    held = set(split_validation(texts, fraction, seed, what="distinct documents")[1])
+    counts = Counter(docs)  # distinct texts, first occurrence first
+    texts = list(counts)
+    if not 0 <= fraction < 1:
+        raise UserError(f"validation fraction {fraction} should be at least 0 and below 1")
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    target = round(len(docs) * fraction)
+    held, n_held = set(), 0
+    for text in order:
+        if n_held + counts[text] <= target:
+            held.add(text)
+            n_held += counts[text]
+    if fraction > 0 and not held and len(texts) >= 2:
+        held.add(min(texts, key=lambda t: counts[t]))  # the least repeated text, not nothing
+    if len(held) == len(texts):
+        raise UserError(f"holding out all {len(texts)} distinct documents for validation leaves none to train on; "
+                        "lower the validation fraction or add documents")
     return [d for d in docs if d not in held], [d for d in docs if d in held]
 
 

@@ -29,9 +29,10 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def json_records(path: Path, text: str, skip_bad: bool) -> list[tuple[str, object]]:
-    """(where, record) for each record of a JSON array or JSON lines; with skip_bad, a line that is
-    not valid JSON comes back as (where, UserError) for the caller to count."""
+def json_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON array or JSON lines. A line that is not valid JSON
+    comes back as (where, UserError): the caller raises it, or skips and counts it, in its turn,
+    so the first bad record in the file is the one reported."""
     start = text.lstrip()[:1]
     if start == "[":
         try:
@@ -53,10 +54,7 @@ def json_records(path: Path, text: str, skip_bad: bool) -> list[tuple[str, objec
         try:
             records.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
-            error = UserError(f"invalid JSON at column {e.colno}: {e.msg}")
-            if not skip_bad:
-                raise UserError(f"{path}:{n}: {error}") from None
-            records.append((f"{path}:{n}", error))
+            records.append((f"{path}:{n}", UserError(f"invalid JSON at column {e.colno}: {e.msg}")))
     return records
 
 

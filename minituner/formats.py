@@ -72,7 +72,7 @@ def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tu
     if format != "auto" and format not in FORMATS:
         raise UserError(f'data format "{format}" is not one of auto, {", ".join(FORMATS)}')
     path = Path(path)
-    records = json_records(path, read_text(path), skip_bad)
+    records = json_records(path, read_text(path))
     first = next((r for r in records if isinstance(r[1], dict)), None)
     fmt = format if format != "auto" or first is None else detect_format(*first)
     report = _new_report(path, fmt, len(records))
@@ -103,7 +103,7 @@ def _convert(fmt: str, record) -> list[list[dict]]:
         raise record
     if not isinstance(record, dict):
         raise UserError(f"expected a JSON object, found {type_name(record)}")
-    if record.get("label", True) is False:
+    if fmt != "alpaca" and record.get("label", True) is False:  # KTO data is chat data; an Alpaca "label" is a column
         raise _Undesirable
     return CONVERTERS[fmt](record)
 

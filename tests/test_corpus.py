@@ -75,7 +75,7 @@ def test_folder_reads_text_files_recursively_in_path_order(tmp_path):
     write(tmp_path, "notes.csv", "not,read\n")
     write(tmp_path, ".hidden/d.txt", "hidden\n")
     docs, report = read_documents(tmp_path)
-    assert docs == ["# A", "bee", "bee two", "sea"]
+    assert docs == ["# A", "bee\n\nbee two", "sea"]  # one document per file: a file's paragraphs stay together
     assert report["files"] == 3
 
 
@@ -314,3 +314,26 @@ def test_special_token_strings_in_a_document_stay_text(chat_tokenizer):
     ids = document_tokens("before <|endoftext|> after", chat_tokenizer)
     assert ids.count(chat_tokenizer.eos_id) == 1 and ids[-1] == chat_tokenizer.eos_id
     assert chat_tokenizer.decode(ids[:-1], skip_special_tokens=False) == "before <|endoftext|> after"
+
+
+def test_a_repeated_text_does_not_swallow_the_validation_split():
+    """500 copies of a footer and 19 articles: 5 % held out means about 26 documents, so the
+    footer (all copies go together) stays in training and articles are held out."""
+    docs = ["Thanks for reading!"] * 500 + [f"article {i} body text" for i in range(19)]
+    for seed in range(5):
+        train, val = split_documents(docs, 0.05, seed)
+        assert 1 <= len(val) <= 26 and "Thanks for reading!" not in val
+        assert not set(train) & set(val)
+
+
+def test_jsonl_line_endings_are_normalised_like_text_files(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "a\r\nb\rc"}) + "\n", encoding="utf-8")
+    assert read_documents(path)[0] == ["a\nb\nc"]
+
+
+def test_the_first_bad_record_is_the_one_reported(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "fine"}\n{"body": "x"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"docs\.jsonl:2: field \"text\" is missing"):
+        read_documents(path)

@@ -215,3 +215,15 @@ def test_validation_split_edges():
         split_validation([1], 0.9, seed=0)
     with pytest.raises(UserError, match="validation fraction 1.5 should be at least 0 and below 1"):
         split_validation([1, 2], 1.5, seed=0)
+
+
+def test_the_first_bad_record_is_the_one_reported(tmp_path):
+    lines = jsonl(OK, {"instruction": "x"}) + "not json\n"
+    with pytest.raises(UserError, match=r"data\.jsonl:2: field \"output\""):
+        read_conversations(write(tmp_path, "data.jsonl", lines))
+
+
+def test_an_alpaca_label_column_is_data_not_a_kto_signal(tmp_path):
+    records = [{"instruction": "Is it spam?", "input": "Win now", "output": "yes", "label": False}, OK]
+    conversations, report = read_conversations(write(tmp_path, "data.jsonl", jsonl(*records)))
+    assert len(conversations) == 2 and report["skipped_undesirable"] == 0
