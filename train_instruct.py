@@ -34,7 +34,7 @@ from minituner.lora import apply_lora, trainable_report
 from minituner.precision import POLICIES
 from minituner.sft import build_examples, prompt_ids, show_mask
 from minituner.state import write_json
-from minituner.templates import TEMPLATES, check_template, default_template, stop_ids
+from minituner.templates import TEMPLATES, chat_template, check_template, default_template, stop_ids
 from minituner.trainer import train
 
 SCRIPT = "train_instruct"
@@ -126,6 +126,9 @@ def run(argv=None) -> int:
         samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": conv[-1]["content"],
                     "before": b, "after": a} for p, b, a, conv in zip(prompts, before, after, held_out)]
         write_json(f"{args.out}/samples.json", {"samples": samples})
+        # the exported folder says how it was tuned: apply_chat_template writes the trained format, and
+        # generation stops on its end-of-turn token
+        tokenizer.set_chat_format(chat_template(template, bos=bool(tokenizer.prefix_ids)), stops)
         del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
         fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
         if lora:

@@ -155,7 +155,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=DEFAU
 
     targets  module names as PEFT users write them: a target matches a module whose name is it or
              ends in "." + it ("q_proj", "self_attn.o_proj"); on GPT-2 also c_attn, c_proj, c_fc.
-             Each target must match at least one module (of the default targets, at least one).
+             Each target must match at least one module (of the default targets, at least one);
+             ("all-linear",) adapts every linear layer but lm_head, as in PEFT.
     rank, alpha, dropout, rslora  see LoRALinear; one setting for every adapted module, except
     ranks, alphas  per-module overrides {key: value}, keys matched like targets and among the
              adapted modules (a later key wins), as PEFT's rank_pattern/alpha_pattern.
@@ -169,6 +170,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=DEFAU
     # The default list names every attention and MLP projection of the Llama family; a model
     # without some of them (GPT-2 has no gate_proj) adapts those it has. Named targets must exist.
     optional = set(DEFAULT_TARGETS) if tuple(targets) == DEFAULT_TARGETS else set()
+    if tuple(targets) == ("all-linear",):  # PEFT's spelling: every linear layer but the output layer
+        targets = tuple(name for name in linears if name != "lm_head")
     chosen = []
     for key in targets:
         matched = _resolve_targets(key, linears, model_type)
@@ -180,6 +183,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=DEFAU
     rank_of = _overrides(ranks, rank, chosen, model_type, "rank")
     alpha_of = _overrides(alphas, alpha, chosen, model_type, "alpha")
     _check_adaptable(model, {name: linears[name] for name in chosen})
+    if model_type == "gpt2":
+        _check_fused_qkv(chosen)
     for name in chosen:
         parent, _, child = name.rpartition(".")
         lora = LoRALinear(linears[name], rank_of[name], alpha_of[name], dropout, rslora)
@@ -216,6 +221,17 @@ def _check_adaptable(model: nn.Module, chosen: dict) -> None:
         if uses[id(module.weight)] > 1:
             raise UserError(f"LoRA target {name!r} shares its weight with another module (tied embeddings); "
                             "leave it out of the targets")
+
+
+def _check_fused_qkv(chosen: list[str]) -> None:
+    """On GPT-2, q, k and v are one module (c_attn) in Hugging Face checkpoints and PEFT adapters:
+    adapting some of them could be trained but not saved as a PEFT adapter, so refuse it now."""
+    fused = GPT2_MODULES["attn.c_attn"]
+    for name in chosen:
+        block, _, inner = name.partition(".self_attn.")
+        if f"self_attn.{inner}" in fused and any(f"{block}.{other}" not in chosen for other in fused):
+            raise UserError(f"LoRA on GPT-2: {block} has q, k and v as one module (c_attn) in Hugging Face "
+                            "checkpoints; adapt all three (target c_attn) or none")
 
 
 # ----------------------------------------------------------------------------- merging and exporting

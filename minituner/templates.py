@@ -181,6 +181,41 @@ def stop_ids(template: str, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# ----------------------------------------------------------------------------- the same, for Hugging Face
+# Each template as a Jinja chat template, so that an exported model's apply_chat_template writes
+# what it was trained on (checked against render() with transformers in tests/test_hf_interop.py).
+# Hugging Face messages have no Alpaca "input": a user message is its content.
+_JINJA = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+               "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "llama3": ("{% for message in messages %}{% set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
+               "{{ '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+               "{% endif %}"),
+    "mistral": ("{% set ns = namespace(system='') %}{% for message in messages %}"
+                "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+                "{% else %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+                "{% endif %}{% endfor %}"),
+    "alpaca": ("{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
+               "{% else %}{{ '" + ALPACA_INTRO + "' }}{% set rest = messages %}{% endif %}"
+               "{% for message in rest %}{% if message['role'] == 'user' %}{{ '\\n\\n### Instruction:\\n' + message['content'] }}"
+               "{% elif message['role'] == 'tool' %}{{ '\\n\\n### Tool output:\\n' + message['content'] }}"
+               "{% else %}{{ '\\n\\n### Response:\\n' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"),
+    "plain": ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+              "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+              "{% else %}{{ message['content'] + '\\n' }}{% endif %}{% endfor %}"),
+}
+
+
+def chat_template(template: str, bos: bool) -> str:
+    """`template` as a Jinja chat template for Hugging Face tokenizers; bos: start with the BOS
+    token, as training does when the tokenizer adds one (Llama), since apply_chat_template
+    adds no special tokens of its own."""
+    return ("{{ bos_token }}" if bos else "") + _JINJA[template]
+
+
 # ----------------------------------------------------------------------------- tokenizer checks
 def _is_single_token(tokenizer, token: str) -> bool:
     token_id = tokenizer.token_to_id(token)

@@ -125,6 +125,17 @@ class Tokenizer:
         return cls(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
                    tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template)
 
+    def set_chat_format(self, chat_template: str, stop_ids: list[int]) -> None:
+        """Record the chat format a model was tuned on, so that what is saved says it: the Jinja
+        template (chat_template.jinja, which transformers' apply_chat_template renders) and the
+        tokens that end an answer (generation_config.json's eos_token_id, where generate stops)."""
+        self.chat_template_file = chat_template
+        self.tokenizer_config.pop("chat_template", None)  # the base model's own, if it had one, no longer applies
+        self.stop_ids = sorted(set(stop_ids))
+        if not self.generation_config:
+            self.generation_config = {"bos_token_id": self.bos_id, "pad_token_id": self.pad_id}
+        self.generation_config["eos_token_id"] = _id_or_list(self.stop_ids)
+
     def save(self, path) -> None:
         """Write tokenizer.json, tokenizer_config.json and generation_config.json into folder `path`."""
         folder = Path(path)

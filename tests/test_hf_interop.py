@@ -10,6 +10,7 @@ from minituner.checkpoint import load_adapter, load_pretrained, save_adapter, sa
 from minituner.config import ModelConfig
 from minituner.lora import apply_lora, lora_modules, merge_and_unload
 from minituner.model import Transformer
+from minituner.templates import EOS, TEMPLATES, chat_template, generation_prompt, render, stop_ids
 from minituner.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -130,3 +131,29 @@ def test_transformers_loads_our_merged_model(tmp_path, name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert (hf(ids).logits - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_exported_chat_template_writes_what_was_trained(tmp_path, chat_tokenizer, bos_tokenizer, template, bos,
+                                                         system):
+    """apply_chat_template of the folder we export renders exactly our training text, and generation
+    stops on the template's end token."""
+    tokenizer = bos_tokenizer if bos else chat_tokenizer
+    tokenizer = Tokenizer(tokenizer.backend, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    tokenizer.set_chat_format(chat_template(template, bos=bool(tokenizer.prefix_ids)), stop_ids(template, tokenizer))
+    tokenizer.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    eos = tokenizer.id_to_token(tokenizer.eos_id)
+    prefix = tokenizer.decode(tokenizer.prefix_ids, skip_special_tokens=False)
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Sunny."}][0 if system else 1:]
+    ours = "".join(eos if s.kind == EOS else s.text for s in render(messages, template))
+    assert hf.apply_chat_template(messages, tokenize=False) == prefix + ours
+    prompt = "".join(eos if s.kind == EOS else s.text for s in generation_prompt(messages, template))
+    assert hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) == prefix + prompt
+    config = transformers.GenerationConfig.from_pretrained(tmp_path)
+    ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    assert set(ends) == set(stop_ids(template, tokenizer))

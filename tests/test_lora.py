@@ -166,11 +166,11 @@ def test_merge_and_unload_saves_an_ordinary_checkpoint(tmp_path, name):
     ("attn.c_proj", {"self_attn.o_proj"}),
     ("mlp.c_proj", {"mlp.down_proj"}),
     ("c_fc", {"mlp.up_proj"}),
-    ("q_proj", {"self_attn.q_proj"}),  # our own (Llama) names work on GPT-2 too
+    ("k_proj,v_proj,q_proj", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),  # Llama names too
 ])
 def test_gpt2_targets_map_to_our_modules(target, ours):
     model, _ = load_pretrained(FIXTURES / "gpt2-tiny")
-    names = apply_lora(model, targets=(target,))
+    names = apply_lora(model, targets=tuple(target.split(",")))
     assert sorted(names) == sorted(f"layers.{i}.{m}" for i in range(model.config.n_layers) for m in ours)
 
 
@@ -326,12 +326,21 @@ def test_a_peft_c_attn_adapter_splits_into_q_k_v_exactly(tmp_path, r):
         assert all(lora_modules(model)[f"layers.{i}.self_attn.{x}_proj"].rank == r for x in "qkv")
 
 
-def test_gpt2_q_k_v_are_saved_together_or_not_at_all(tmp_path):
+def test_gpt2_q_k_v_are_adapted_together_or_not_at_all(tmp_path):
+    """Refused when applied, not after training, when saving could not write it as PEFT's c_attn."""
     model, _ = load_pretrained(FIXTURES / "gpt2-tiny")
-    apply_lora(model, targets=("q_proj", "v_proj"))
-    with pytest.raises(UserError, match=r"transformer\.h\.0\.attn\.c_attn is q, k and v in one module.*target c_attn"):
-        save_adapter(model, tmp_path / "adapter")
-    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(UserError, match=r"layers\.0 has q, k and v as one module \(c_attn\).*target c_attn"):
+        apply_lora(model, targets=("q_proj", "v_proj"))
+    assert not lora_modules(model)
+    apply_lora(model, targets=("q_proj", "k_proj", "v_proj"))  # all three: as c_attn
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == ["c_attn"]
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_output_layer():
+    model, _ = load_pretrained(FIXTURES / "llama-tiny")
+    names = apply_lora(model, targets=("all-linear",))
+    assert len(names) == 7 * model.config.n_layers and "lm_head" not in names
 
 
 def test_target_modules_may_be_a_regex(tmp_path):

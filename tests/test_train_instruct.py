@@ -68,6 +68,9 @@ def test_lora_run_writes_a_complete_run_folder(tmp_path, data, capsys):
     ids = torch.randint(0, merged.config.vocab_size, (2, 16))
     assert (logits(merged, ids) - logits(base, ids)).abs().max() < 1e-5
     assert (logits(merged, ids) - logits(load_pretrained(BASE)[0], ids)).abs().max() > 1e-3  # and it trained
+    generation = json.loads((out / "model" / "generation_config.json").read_text())
+    assert set(generation["eos_token_id"]) == {0, 2}  # <|endoftext|> and chatml's <|im_end|>, trained to end a turn
+    assert (out / "model" / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
     printed = capsys.readouterr().out
     assert "trainable params:" in printed and "validation loss" in printed and "--- after" in printed
 
