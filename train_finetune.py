@@ -39,7 +39,7 @@ from minituner.model import Transformer
 from minituner.precision import POLICIES
 from minituner.state import write_json
 from minituner.tokenizer import Tokenizer
-from minituner.trainer import train
+from minituner.trainer import steps_per_epoch, train
 
 SCRIPT = "train_finetune"
 SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")  # ModelConfig fields, as --dim etc.
@@ -131,6 +131,7 @@ def run(argv=None) -> int:
     share = real_token_share(train_set, options, runtime.world_size) if args.layout == "rows" else None
     if share is not None:
         say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
+    steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     # Samples before training; then the adapters, if any

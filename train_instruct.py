@@ -35,7 +35,7 @@ from minituner.precision import POLICIES
 from minituner.sft import build_examples, prompt_ids, show_mask
 from minituner.state import write_json
 from minituner.templates import TEMPLATES, chat_template, check_template, default_template, stop_ids
-from minituner.trainer import train
+from minituner.trainer import steps_per_epoch, train
 
 SCRIPT = "train_instruct"
 
@@ -101,6 +101,7 @@ def run(argv=None) -> int:
     share = real_token_share(train_set, options, runtime.world_size)
     if share is not None:
         say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
+    steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     # Samples before training, from the untouched base; then the adapters, if any

@@ -161,7 +161,12 @@ def test_skip_bad_counts_instead_of_stopping(tmp_path, capsys):
 def test_flag_mistakes(tmp_path, domain, capsys):
     with pytest.raises(SystemExit):
         train_finetune.main(["--data", domain])  # neither --base nor --init scratch
-    with pytest.raises(SystemExit):
-        train_finetune.main(["--base", BASE, "--data", domain, "--layout", "rows", "--isolate-docs"])
+    for flags in (["--layout", "rows", "--isolate-docs"], ["--method", "lora", "--freeze-layers", "1"],
+                  ["--vocab-size", "300"], ["--dim", "64"]):  # contradictions and scratch-only flags with --base
+        with pytest.raises(SystemExit):
+            train_finetune.main(["--base", BASE, "--data", domain, *flags])
+    err = capsys.readouterr().err
+    assert "--freeze-embeddings and --freeze-layers apply to --method full" in err
+    assert "--vocab-size shape a model built with --init scratch" in err
     assert run(tmp_path / "run", "--base", BASE, "--data", domain, "--freeze-layers", "9") == 2
     assert "--freeze-layers 9: the model has 2 blocks" in capsys.readouterr().err
