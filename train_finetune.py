@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = resolve_resume(p.parse_args(argv), p, SCRIPT)
     if args.isolate_docs and args.layout != "concat":
         p.error("--isolate-docs applies to --layout concat (rows hold one document each already)")
+    if args.method == "lora" and args.init == "scratch":
+        p.error("--method lora trains adapters on a frozen base; a model from scratch has none: use --method full")
     if args.method == "lora" and (args.freeze_embeddings or args.freeze_layers):
         p.error("--freeze-embeddings and --freeze-layers apply to --method full (LoRA freezes the whole base)")
     scratch_only = [f"--{name}" for name in ("preset", "vocab_size", *SHAPE_FLAGS)
@@ -180,7 +182,11 @@ def read_data(args, say) -> tuple[list[str], list[str]]:
         return docs, val
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    return split_documents(docs, args.val_fraction, seed=args.seed)
+    train, val = split_documents(docs, args.val_fraction, seed=args.seed)
+    if args.val_fraction > 0 and not val:
+        say(f"warning: --val-fraction {args.val_fraction} holds out nothing from {len(set(docs))} distinct "
+            "document(s): training without validation (give --val-data, or more documents)")
+    return train, val
 
 
 def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tokenizer:

@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", help="training data: a JSON or JSONL file of Alpaca, messages or ShareGPT records")
     g.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="the data's format (auto: detect)")
     g.add_argument("--template", choices=["auto", *TEMPLATES], default="auto",
-                   help="prompt template (auto: chatml or llama3 if the tokenizer has their tokens, else alpaca)")
+                   help="prompt template (auto: the model's own chat template if it is one of these, else chatml "
+                        "or llama3 if the tokenizer has their tokens, else alpaca)")
     g.add_argument("--val-data", help="held-out validation file (default: split --val-fraction off --data)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out (0 = none)")
     g.add_argument("--max-len", type=int, default=None,
@@ -154,7 +155,11 @@ def read_data(args, say) -> tuple[list, list]:
         return conversations, val
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    return split_validation(conversations, args.val_fraction, seed=args.seed)
+    train, val = split_validation(conversations, args.val_fraction, seed=args.seed)
+    if args.val_fraction > 0 and not val:
+        say(f"warning: --val-fraction {args.val_fraction} holds out nothing from {len(conversations)} "
+            "conversation(s): training without validation (give --val-data, or more data)")
+    return train, val
 
 
 def fit_prompt(ids: list[int], n_prefix: int, room: int) -> list[int]:

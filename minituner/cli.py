@@ -35,8 +35,8 @@ def add_method_flags(p: argparse.ArgumentParser, default: str) -> None:
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
     g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
-                   help="comma-separated module names as in the HF checkpoint (GPT-2: c_attn,c_proj,c_fc); "
-                   "the default takes the attention and MLP projections the model has")
+                   help="comma-separated module names as in the HF checkpoint (GPT-2: c_attn,c_proj,c_fc), or "
+                        "all-linear; the default takes the attention and MLP projections the model has")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)")
 
 
@@ -46,7 +46,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training set when --steps is 0")
     g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for lora, 2e-5 for full)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 2e-4 for lora, 2e-5 for full, 1e-3 from scratch)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the schedule decays to lr x this")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
@@ -82,8 +83,13 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
     saved = read_run_config(args.resume)
     if saved.get("script") != script:
         raise UserError(f"--resume {args.resume}: its config.json was not written by {script}.py")
+    def differs(key, value) -> bool:  # a path given again, relative, is the same path
+        if key in PATH_FLAGS and value and saved.get(key):
+            return Path(value).resolve() != Path(saved[key]).resolve()
+        return value != saved.get(key)
+
     changed = [k for k, v in vars(args).items()
-               if k not in ("resume", "device", "no_progress") and v != parser.get_default(k) and v != saved.get(k)]
+               if k not in ("resume", "device", "no_progress") and v != parser.get_default(k) and differs(k, v)]
     if changed:
         print(f"note: --resume uses the run's saved options; ignoring --{changed[0].replace('_', '-')}"
               + (f" and {len(changed) - 1} more" if len(changed) > 1 else ""), file=sys.stderr)

@@ -73,8 +73,7 @@ def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tu
         raise UserError(f'data format "{format}" is not one of auto, {", ".join(FORMATS)}')
     path = Path(path)
     records = json_records(path, read_text(path))
-    first = next((r for r in records if isinstance(r[1], dict)), None)
-    fmt = format if format != "auto" or first is None else detect_format(*first)
+    fmt = format if format != "auto" else _detect(records, skip_bad)
     report = _new_report(path, fmt, len(records))
     conversations = []
     for where, record in records:
@@ -91,6 +90,22 @@ def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tu
                         f'{report["skipped_undesirable"]} with "label": false)')
     report["conversations"], report["warnings"] = len(conversations), _warnings(report)
     return conversations, report
+
+
+def _detect(records: list, skip_bad: bool) -> str:
+    """The format of the first record that shows one; without skip_bad, the first record decides
+    (a bad first record is the first error reported, as elsewhere)."""
+    for where, record in records:
+        try:
+            if isinstance(record, UserError):
+                raise record
+            if not isinstance(record, dict):
+                raise UserError(f"expected a JSON object, found {type_name(record)}")
+            return detect_format(where, record)
+        except UserError as e:
+            if not skip_bad:
+                raise UserError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
+    return FORMATS[0]  # nothing readable: every record is counted as skipped, and that is the error
 
 
 class _Undesirable(Exception):

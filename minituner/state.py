@@ -79,10 +79,20 @@ def read_run_config(run_dir) -> dict:
 
 
 def check_new_run(run_dir) -> None:
-    """A UserError if `run_dir` holds a run that could be resumed: a new run must not overwrite it."""
+    """A UserError unless a new run may start in `run_dir`: it must not be a file, hold a run that
+    could be resumed (never overwritten), or hold anything that is not a run's (the user's files)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder")
     if list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                         "or choose another --out")
+    others = []
+    if run_dir.is_dir():
+        others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    if others:
+        raise UserError(f"--out {run_dir} holds files that are not a run's ({', '.join(others[:3])}); "
+                        "choose a new or empty folder")
 
 
 def checkpoint_path(run_dir, step: int, kind: str = "step") -> Path:

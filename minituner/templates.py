@@ -34,6 +34,7 @@ random initialisation, which a small fine-tune does badly and which makes the ch
 shape from its base model. Pick a template the tokenizer has tokens for, e.g. alpaca.
 """
 
+import re
 from typing import NamedTuple
 
 from minituner.errors import UserError
@@ -139,9 +140,9 @@ def _mistral(conversation: list[dict]):
         if message["role"] == "assistant":
             yield Segment(message["content"], True)
             yield Segment("", True, EOS)
-        else:
-            yield Segment("[INST] ", False, MARKUP)
-            yield Segment(system + user_text(message), False)
+        else:  # the space goes with the text, where a tokenizer reading the whole string merges it
+            yield Segment("[INST]", False, MARKUP)
+            yield Segment(" " + system + user_text(message), False)
             yield Segment(" [/INST]", False, MARKUP)
             system = ""
 
@@ -212,8 +213,8 @@ _JINJA = {
 def chat_template(template: str, bos: bool) -> str:
     """`template` as a Jinja chat template for Hugging Face tokenizers; bos: start with the BOS
     token, as training does when the tokenizer adds one (Llama), since apply_chat_template
-    adds no special tokens of its own."""
-    return ("{{ bos_token }}" if bos else "") + _JINJA[template]
+    adds no special tokens of its own. A Jinja comment names the template, for default_template."""
+    return f"{{# minituner template: {template} #}}" + ("{{ bos_token }}" if bos else "") + _JINJA[template]
 
 
 # ----------------------------------------------------------------------------- tokenizer checks
@@ -241,6 +242,9 @@ def default_template(tokenizer) -> str:
     own = tokenizer.chat_template_file or tokenizer.tokenizer_config.get("chat_template")
     if isinstance(own, list):  # several named templates: [{"name": "default", "template": ...}, ...]
         own = next((t.get("template") for t in own if isinstance(t, dict) and t.get("name") == "default"), None)
+    named = re.match(r"\{# minituner template: (\w+) #\}", own) if isinstance(own, str) else None
+    if named and named[1] in RENDERERS:  # a model tuned here: the format it was tuned on
+        return named[1]
     for marker, template in CHAT_TEMPLATE_MARKERS:
         if isinstance(own, str) and marker in own and all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS[template]):
             return template

@@ -42,7 +42,7 @@ from minituner.errors import UserError, read_json
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
-from minituner.state import (CHECKPOINTS, RUN_FILES, MetricsLog, check_new_run, checkpoint_path, latest_checkpoint,
+from minituner.state import (CHECKPOINTS, MetricsLog, check_new_run, checkpoint_path, latest_checkpoint,
                              list_checkpoints, load_checkpoint, prune_bests, prune_checkpoints, rng_state,
                              save_checkpoint, set_rng_state, write_json)
 
@@ -388,13 +388,6 @@ def _start_fresh(run_dir: Path, run_config: dict | None) -> None:
     """Begin a new run in `run_dir`: a new or empty folder, or the remains of a run that died
     before its first checkpoint (nothing of it could be resumed, so it is cleared)."""
     check_new_run(run_dir)
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise UserError(f"--out {run_dir} is a file, not a folder")
-        others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
-        if others:
-            raise UserError(f"--out {run_dir} holds files that are not a run's ({', '.join(others[:3])}); "
-                            "choose a new or empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # best-N of the dead run, temporaries
     for stale in ("metrics.jsonl", "summary.json"):

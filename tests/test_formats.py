@@ -227,3 +227,11 @@ def test_an_alpaca_label_column_is_data_not_a_kto_signal(tmp_path):
     records = [{"instruction": "Is it spam?", "input": "Win now", "output": "yes", "label": False}, OK]
     conversations, report = read_conversations(write(tmp_path, "data.jsonl", jsonl(*records)))
     assert len(conversations) == 2 and report["skipped_undesirable"] == 0
+
+
+def test_format_detection_reports_the_first_bad_record_or_skips_it(tmp_path):
+    lines = "{bad\n" + jsonl({"foo": "a"}, OK)
+    with pytest.raises(UserError, match=r"data\.jsonl:1: invalid JSON"):
+        read_conversations(write(tmp_path, "data.jsonl", lines))
+    conversations, report = read_conversations(write(tmp_path, "data.jsonl", lines), skip_bad=True)
+    assert len(conversations) == 1 and report["format"] == "alpaca" and report["skipped_bad"] == 2

@@ -10,7 +10,8 @@ from minituner.checkpoint import load_adapter, load_pretrained, save_adapter, sa
 from minituner.config import ModelConfig
 from minituner.lora import apply_lora, lora_modules, merge_and_unload
 from minituner.model import Transformer
-from minituner.templates import EOS, TEMPLATES, chat_template, generation_prompt, render, stop_ids
+from minituner.sft import tokenize_segments
+from minituner.templates import EOS, TEMPLATES, chat_template, default_template, generation_prompt, render, stop_ids
 from minituner.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -147,13 +148,18 @@ def test_exported_chat_template_writes_what_was_trained(tmp_path, chat_tokenizer
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     eos = tokenizer.id_to_token(tokenizer.eos_id)
     prefix = tokenizer.decode(tokenizer.prefix_ids, skip_special_tokens=False)
-    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Weather?"},
-                {"role": "assistant", "content": "Sunny."}][0 if system else 1:]
+    # words the tokenizer has merged with their leading space ("Ġthe"): a space split off by the
+    # template's scaffolding would show as different token ids
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "the king"},
+                {"role": "assistant", "content": "the lord"}, {"role": "user", "content": "and the king?"},
+                {"role": "assistant", "content": "and the lord."}][0 if system else 1:]
     ours = "".join(eos if s.kind == EOS else s.text for s in render(messages, template))
     assert hf.apply_chat_template(messages, tokenize=False) == prefix + ours
     prompt = "".join(eos if s.kind == EOS else s.text for s in generation_prompt(messages, template))
     assert hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) == prefix + prompt
+    ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == tokenize_segments(render(messages, template), tokenizer)[0]  # the same token ids, not only text
+    assert default_template(Tokenizer.from_dir(tmp_path)) == template  # and a later run recognises the format
     config = transformers.GenerationConfig.from_pretrained(tmp_path)
     ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     assert set(ends) == set(stop_ids(template, tokenizer))

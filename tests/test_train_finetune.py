@@ -162,11 +162,26 @@ def test_flag_mistakes(tmp_path, domain, capsys):
     with pytest.raises(SystemExit):
         train_finetune.main(["--data", domain])  # neither --base nor --init scratch
     for flags in (["--layout", "rows", "--isolate-docs"], ["--method", "lora", "--freeze-layers", "1"],
-                  ["--vocab-size", "300"], ["--dim", "64"]):  # contradictions and scratch-only flags with --base
+                  ["--vocab-size", "300"], ["--dim", "64"], ["--init", "scratch", "--base", "", "--method", "lora"]):
         with pytest.raises(SystemExit):
             train_finetune.main(["--base", BASE, "--data", domain, *flags])
     err = capsys.readouterr().err
     assert "--freeze-embeddings and --freeze-layers apply to --method full" in err
     assert "--vocab-size shape a model built with --init scratch" in err
+    assert "a model from scratch has none: use --method full" in err
     assert run(tmp_path / "run", "--base", BASE, "--data", domain, "--freeze-layers", "9") == 2
     assert "--freeze-layers 9: the model has 2 blocks" in capsys.readouterr().err
+
+
+def test_a_scratch_run_refuses_a_folder_of_other_files_before_writing_into_it(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run(tmp_path, "--init", "scratch", "--preset", "tiny", "--vocab-size", "300", "--steps", "1",
+               "--data", str(DATA / "tinyshakespeare_head.txt")) == 2
+    assert "holds files that are not a run's (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no tokenizer/ left behind
+
+
+def test_no_validation_document_to_hold_out_is_said(tmp_path, capsys):
+    assert run(tmp_path / "run", "--base", BASE, "--data", write_docs(tmp_path / "one.txt", ["only one " * 20]),
+               "--steps", "1", "--batch-size", "1") == 0
+    assert "holds out nothing from 1 distinct document(s)" in capsys.readouterr().out

@@ -70,7 +70,7 @@ def test_lora_run_writes_a_complete_run_folder(tmp_path, data, capsys):
     assert (logits(merged, ids) - logits(load_pretrained(BASE)[0], ids)).abs().max() > 1e-3  # and it trained
     generation = json.loads((out / "model" / "generation_config.json").read_text())
     assert set(generation["eos_token_id"]) == {0, 2}  # <|endoftext|> and chatml's <|im_end|>, trained to end a turn
-    assert (out / "model" / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
+    assert (out / "model" / "chat_template.jinja").read_text().startswith("{# minituner template: chatml #}")
     printed = capsys.readouterr().out
     assert "trainable params:" in printed and "validation loss" in printed and "--- after" in printed
 
