@@ -110,13 +110,17 @@ def run(argv=None) -> int:
         load_dtype = POLICIES[args.precision] if lora else torch.float32  # a frozen base trains in the compute dtype
         model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
         max_len = args.max_len or min(1024, model.config.max_seq_len)
-        check_max_len(max_len, model.config, say)
+        check_max_len(max_len, model.config, say, args.max_new_tokens)
     else:
         max_len = args.max_len or 256
         tokenizer = scratch_tokenizer(args, train_docs, max_len, runtime)
         model = scratch_model(args, tokenizer, max_len).to(runtime.device)
     say(f"model: {model_line(model)}")
     freeze(model, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
+    if lora:  # the adapters, before the data, so that a wrong --lora-targets is said at once
+        torch.manual_seed(args.seed)  # their initialisation follows --seed
+        apply_lora(model, **lora)
+    say(trainable_report(model))
 
     # Token blocks (every token a target), validation and general-text sets
     blocks = partial(build_blocks, tokenizer=tokenizer, max_len=max_len, layout=args.layout, isolate=args.isolate_docs)
@@ -136,14 +140,10 @@ def run(argv=None) -> int:
     steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
-    # Samples before training; then the adapters, if any
+    # Samples before training (a fresh adapter has B = 0: the outputs are still the base's)
     prompts = sample_prompts(val_docs or train_docs, tokenizer, args.samples)
     stops = [tokenizer.eos_id]
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
-    if lora:
-        torch.manual_seed(args.seed)  # the adapters' initialisation follows --seed
-        apply_lora(model, **lora)
-    say(trainable_report(model))
 
     summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
                     extra_evals=extra, resume=args.resume is not None, run_config=run_config(args, SCRIPT),

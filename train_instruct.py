@@ -81,7 +81,11 @@ def run(argv=None) -> int:
     template = default_template(tokenizer) if args.template == "auto" else args.template
     check_template(template, tokenizer)
     max_len = args.max_len or min(2048, model.config.max_seq_len)
-    check_max_len(max_len, model.config, say)
+    check_max_len(max_len, model.config, say, args.max_new_tokens)
+    if lora:  # the adapters, before the data, so that a wrong --lora-targets is said at once
+        torch.manual_seed(args.seed)  # their initialisation follows --seed
+        apply_lora(model, **lora)
+    say(trainable_report(model))
 
     # Data: conversations -> (validation split) -> token ids with the loss mask -> (packing)
     train_convs, val_convs = read_data(args, say)
@@ -105,16 +109,12 @@ def run(argv=None) -> int:
     steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
-    # Samples before training, from the untouched base; then the adapters, if any
+    # Samples before training (a fresh adapter has B = 0: the outputs are still the base's)
     held_out = (val_convs or train_convs)[:args.samples]
     prompts = [fit_prompt(prompt_ids(conv, tokenizer, template), len(tokenizer.prefix_ids), max_len - args.max_new_tokens)
                for conv in held_out]
     stops = stop_ids(template, tokenizer)
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
-    if lora:
-        torch.manual_seed(args.seed)  # the adapters' initialisation follows --seed
-        apply_lora(model, **lora)
-    say(trainable_report(model))
 
     summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
                     resume=args.resume is not None, run_config=run_config(args, SCRIPT),

@@ -130,9 +130,13 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float | N
         latest_checkpoint(args.out)  # before any work: a run with nothing to resume from
 
 
-def check_max_len(max_len: int, config, say) -> None:
+def check_max_len(max_len: int, config, say, max_new_tokens: int = 0) -> None:
     """A row longer than the model's context: impossible with learned positions (GPT-2), and
-    with rotary positions a stretch beyond what the model was trained on (said, not refused)."""
+    with rotary positions a stretch beyond what the model was trained on (said, not refused).
+    Samples are prompts of fewer than max_len tokens plus max_new_tokens."""
+    if config.positions == "learned" and max_new_tokens >= min(max_len, config.max_seq_len):
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{min(max_len, config.max_seq_len)} positions")
     if max_len <= config.max_seq_len:
         return
     if config.positions == "learned":

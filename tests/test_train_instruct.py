@@ -121,6 +121,8 @@ def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
     (["--base", str(FIXTURES / "gpt2-tiny"), "--max-len", "4096"], "--max-len 4096 exceeds the model's 128 learned"),
     (["--patience", "2"], "--patience needs validation data (--val-fraction > 0 or --val-data) and --eval-every > 0"),
     (["--samples", "-1"], "--samples must be >= 0"),
+    (["--base", str(FIXTURES / "gpt2-tiny"), "--lora-targets", "q_proj"], "adapt all three (target c_attn)"),
+    (["--base", str(FIXTURES / "gpt2-tiny"), "--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room"),
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--lora-targets", "qkv"], "'qkv' matches none"),
 ])
