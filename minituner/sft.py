@@ -11,10 +11,11 @@ token. Message text is encoded with Tokenizer.encode_text, so "<|im_end|>"
 typed in a message is plain text and cannot end a turn; the template's scaffolding is encoded
 normally, so its special-token strings become the control ids.
 
-With Llama-2-style tokenizers (SentencePiece, a "▁" prepended to each encoded text) encoding by
-segment adds a "▁" at each segment start where encoding the whole text would not; training and
-generation (prompt_ids tokenises the same way) agree, but ids can differ
-from transformers' apply_chat_template.
+Each segment is encoded as the continuation of the text before it: SentencePiece-style tokenizers
+(Llama 2, Mistral, TinyLlama) put a "▁" before the start of a text, and a continuation gets it
+only where encoding the whole string would (Tokenizer.encode_text), so the segments' ids are the
+whole rendered string's, as apply_chat_template makes them, unless a merge would cross a segment
+boundary (the templates end scaffolding before a word's leading space, so words do not).
 
 Too long for max_len, an example is shortened in this order:
   1. drop the oldest exchanges (a user message and all that follows up to the next user message),
@@ -85,15 +86,14 @@ def build_example(conversation: list[dict], tokenizer, template: str, *, max_len
 def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
     """(ids, trained): the tokenizer's prefix (BOS), then each segment's ids; per id, whether it is
     trained. Also how a generation prompt is tokenised, so that it matches training."""
+    n_prefix = len(tokenizer.prefix_ids)
     ids = list(tokenizer.prefix_ids)
     trained = [False] * len(ids)
     for segment in segments:
         if segment.kind == EOS:
             piece = [tokenizer.eos_id]
-        elif segment.kind == MARKUP:
-            piece = tokenizer.encode(segment.text, add_special_tokens=False)
-        else:
-            piece = tokenizer.encode_text(segment.text)
+        else:  # each piece continues the text before it (BOS is not text: it is added, not written)
+            piece = tokenizer.encode_text(segment.text, specials_as_text=segment.kind != MARKUP, after=ids[n_prefix:])
         ids += piece
         trained += [segment.trained] * len(piece)
     return ids, trained

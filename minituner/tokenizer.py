@@ -19,6 +19,7 @@ space or after a special token in the middle of a text.
 """
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
@@ -45,6 +46,11 @@ class Tokenizer:
         self.generation_config = dict(generation_config or {})
         self.chat_template_file = chat_template_file  # text of chat_template.jinja, if the folder had one
         self.prefix_ids, self.suffix_ids = self._special_affixes()
+        self.prefix_space, self._joined = _prefix_space(backend)
+        added = backend.get_added_tokens_decoder()  # the tokens a text is split at before it is normalised
+        self.added_ids = set(added)
+        contents = sorted((t.content for t in added.values()), key=len, reverse=True)
+        self._added_pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else re.compile("(?!)")
 
     @property
     def vocab_size(self) -> int:
@@ -65,16 +71,42 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
-    def encode_text(self, text: str) -> list[int]:
-        """Token ids of data text: no BOS/EOS added, and special-token strings written in it (a
-        document quoting "<|endoftext|>", a user typing "<|im_end|>") stay the characters they
-        are, so data can never smuggle in a control token."""
-        before = self.backend.encode_special_tokens
-        self.backend.encode_special_tokens = True
+    def encode_text(self, text: str, *, specials_as_text: bool = True, after: list[int] | None = None) -> list[int]:
+        """Token ids of data text, no BOS/EOS added.
+
+        specials_as_text: special-token strings written in it (a document quoting "<|endoftext|>",
+            a user typing "<|im_end|>") stay the characters they are, so data can never smuggle in
+            a control token; False for a template's own scaffolding.
+        after: the ids the text follows, when it continues a longer string that is tokenised piece
+            by piece (a chat template's segments). SentencePiece-style tokenizers put a "▁" before
+            the start of a text; encoding a continuation, we leave it out wherever encoding the
+            whole string would (see _prefix_space), so the pieces give the whole string's ids.
+        """
+        joined = bool(after) and self.prefix_space is not None and (
+            self.prefix_space == "first" or after[-1] not in self.added_ids)
+        if joined and self.prefix_space == "each" and not specials_as_text:
+            return self._encode_continued_markup(text)
+        return self._encode(self._joined if joined else self.backend, text, specials_as_text)
+
+    def _encode_continued_markup(self, text: str) -> list[int]:
+        """Scaffolding that continues a text, for a tokenizer that puts "▁" after every special
+        token: no "▁" before its first piece, one before each piece after a special token in it."""
+        ids = []
+        for i, piece in enumerate(self._added_pattern.split(text)):
+            if i % 2:  # the split's captured separators: the special tokens
+                ids.append(self.backend.token_to_id(piece))
+            elif piece:
+                ids += self._encode(self._joined if i == 0 else self.backend, piece, True)
+        return ids
+
+    @staticmethod
+    def _encode(backend: Backend, text: str, specials_as_text: bool) -> list[int]:
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = specials_as_text
         try:
-            return self.backend.encode(text, add_special_tokens=False).ids
+            return backend.encode(text, add_special_tokens=False).ids
         finally:
-            self.backend.encode_special_tokens = before  # encode() still maps template markup to its ids
+            backend.encode_special_tokens = before
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -176,6 +208,40 @@ class Tokenizer:
         if max_len is not None:
             tok_cfg["model_max_length"] = max_len
         return cls(backend, eos_id=eos, pad_id=eos, tokenizer_config=tok_cfg)
+
+
+def _prefix_space(backend: Backend) -> tuple[str | None, Backend | None]:
+    """Whether the tokenizer puts a prefix space ("▁") before text, and where; and a copy without it.
+
+    "each": at the start of the text and after every special token, where the text is split and
+    each piece normalised on its own (Llama 2's Prepend("▁") normalizer, Metaspace "always");
+    "first": only at the very start (Metaspace "first"); None: never (byte-level BPE, as GPT-2,
+    Llama 3, Qwen2). Encoding one piece of a longer string, "each" adds the space only after a
+    special token, "first" never.
+    """
+    spec = json.loads(backend.to_str())
+    found = []
+
+    def strip(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Prepend":
+                found.append("each")
+                return None
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme", "always") != "never":
+                found.append("first" if node.get("prepend_scheme") == "first" else "each")
+                return {**node, "prepend_scheme": "never", "add_prefix_space": False}
+            if node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+                found.append("each")
+                return {**node, "add_prefix_space": False}
+            return {k: strip(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [x for x in (strip(v) for v in node) if x is not None]
+        return node
+
+    spec["normalizer"], spec["pre_tokenizer"] = strip(spec.get("normalizer")), strip(spec.get("pre_tokenizer"))
+    if not found:
+        return None, None
+    return found[0], Backend.from_str(json.dumps(spec))
 
 
 def _special_id(backend: Backend, names: dict, source: Path, role: str) -> int | None:

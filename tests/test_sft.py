@@ -2,6 +2,8 @@ import json
 from itertools import groupby
 
 import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
 
 from conftest import DATA, FIXTURES
 from minituner.errors import UserError
@@ -195,3 +197,43 @@ def test_show_mask_marks_exactly_the_trained_text(chat_tokenizer):
     plain = shown.replace(MASK_OPEN, "").replace(MASK_CLOSE, "")
     assert plain == chat_tokenizer.decode(example["input_ids"], skip_special_tokens=False)
     assert plain == "".join(s.text for s in render(conversations[2], "chatml"))
+
+
+# ----------------------------------------------------------------------------- SentencePiece-style tokenizers
+SP_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def sentencepiece_like(shakespeare: str, style: str) -> Tokenizer:
+    """A BPE that writes spaces as "▁" and puts one before a text, as Llama 2 (a Prepend("▁")
+    normalizer) or Mistral/Llama converted later (Metaspace, prepend_scheme first or always) do;
+    and a Llama-style post-processor adding <s>."""
+    backend = Backend(models.BPE())
+    if style == "prepend":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=style)
+    # learned without newlines, "\n" stays a token of its own, as SentencePiece's byte token <0x0A> does
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SP_SPECIALS, initial_alphabet=["\n"],
+                                  show_progress=False)
+    backend.train_from_iterator([shakespeare.replace("\n", " ")], trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return Tokenizer(backend, bos_id=bos, eos_id=backend.token_to_id("</s>"), pad_id=backend.token_to_id("</s>"))
+
+
+@pytest.mark.parametrize("style", ["prepend", "first", "always"])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_segments_give_the_whole_strings_ids_with_a_prefix_space(shakespeare, style, template):
+    """Encoding segment by segment must not add a "▁" where encoding the rendered string at once
+    (what apply_chat_template does) would not."""
+    tokenizer = sentencepiece_like(shakespeare, style)
+    assert tokenizer.prefix_space == ("each" if style != "first" else "first")
+    conversation = [{"role": "system", "content": "Be kind to the king."},
+                    {"role": "user", "content": "What said the lord?"}, {"role": "assistant", "content": "the lord"},
+                    {"role": "user", "content": "And the king?"}, {"role": "tool", "content": "sunny and fair"},
+                    {"role": "assistant", "content": "the king is here."}]
+    segments = render(conversation, template)
+    text = "".join("</s>" if s.kind == "eos" else s.text for s in segments)
+    ids, _ = tokenize_segments(segments, tokenizer)
+    assert ids == tokenizer.backend.encode(text).ids
