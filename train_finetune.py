@@ -27,8 +27,8 @@ import torch
 from minituner.batching import pad_collate
 from minituner.checkpoint import load_pretrained
 from minituner.cli import (add_method_flags, add_training_flags, check_max_len, greedy_texts, lora_options,
-                           print_outcome, real_token_share, resolve_resume, run_config, run_main, settle,
-                           train_options)
+                           print_outcome, read_with_validation, real_token_share, resolve_resume, run_config,
+                           run_main, settle, train_options)
 from minituner.config import SIZE_PRESETS, preset_config
 from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
 from minituner.distributed import all_gather_object, init_runtime, shutdown
@@ -104,7 +104,8 @@ def run(argv=None) -> int:
     lora = lora_options(args) if args.method == "lora" else None
 
     # Documents, split by document so that no held-out text is ever trained on
-    train_docs, val_docs = read_data(args, say)
+    read = partial(read_documents, text_field=args.text_field, skip_bad=args.skip_bad)
+    train_docs, val_docs = read_with_validation(read, split_documents, args, say, "documents")
     # Model and tokenizer: a pretrained folder, or fresh ones (the tokenizer learns the training documents)
     if args.init == "base":
         load_dtype = POLICIES[args.precision] if lora else torch.float32  # a frozen base trains in the compute dtype
@@ -170,25 +171,6 @@ def run(argv=None) -> int:
 
 
 # ----------------------------------------------------------------------------- steps of run()
-def read_data(args, say) -> tuple[list[str], list[str]]:
-    """Training and validation documents, from --data (split by document) or --data and --val-data."""
-    docs, report = read_documents(args.data, text_field=args.text_field, skip_bad=args.skip_bad)
-    for line in report["warnings"]:
-        say(f"warning: {line}")
-    if args.val_data:
-        val, val_report = read_documents(args.val_data, text_field=args.text_field, skip_bad=args.skip_bad)
-        for line in val_report["warnings"]:
-            say(f"warning: {line}")
-        return docs, val
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    train, val = split_documents(docs, args.val_fraction, seed=args.seed)
-    if args.val_fraction > 0 and not val:
-        say(f"warning: --val-fraction {args.val_fraction} holds out nothing from {len(set(docs))} distinct "
-            "document(s): training without validation (give --val-data, or more documents)")
-    return train, val
-
-
 def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tokenizer:
     """A byte-level BPE trained on the training documents by rank 0 and kept in RUN/tokenizer/, so
     that every process and a resumed run use exactly the same one."""

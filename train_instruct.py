@@ -23,11 +23,10 @@ import torch
 from minituner.batching import pack, pad_collate
 from minituner.checkpoint import load_pretrained
 from minituner.cli import (add_method_flags, add_training_flags, check_max_len, greedy_texts, lora_options,
-                           print_outcome, real_token_share, resolve_resume, run_config, run_main, settle,
-                           train_options)
+                           print_outcome, read_with_validation, real_token_share, resolve_resume, run_config,
+                           run_main, settle, train_options)
 from minituner.datafile import split_validation
 from minituner.distributed import init_runtime, shutdown
-from minituner.errors import UserError
 from minituner.export import export_run
 from minituner.formats import FORMATS, read_conversations
 from minituner.lora import apply_lora, trainable_report
@@ -88,7 +87,8 @@ def run(argv=None) -> int:
     say(trainable_report(model))
 
     # Data: conversations -> (validation split) -> token ids with the loss mask -> (packing)
-    train_convs, val_convs = read_data(args, say)
+    read = partial(read_conversations, format=args.format, skip_bad=args.skip_bad)
+    train_convs, val_convs = read_with_validation(read, split_validation, args, say, "conversations")
     build = partial(build_examples, tokenizer=tokenizer, template=template, max_len=max_len,
                     train_on_prompt=args.train_on_prompt)
     train_set, stats = build(train_convs, source=args.data)
@@ -143,25 +143,6 @@ def run(argv=None) -> int:
 
 
 # ----------------------------------------------------------------------------- steps of run()
-def read_data(args, say) -> tuple[list, list]:
-    """Training and validation conversations, from --data (split) or --data and --val-data."""
-    conversations, report = read_conversations(args.data, format=args.format, skip_bad=args.skip_bad)
-    for line in report.get("warnings", []):
-        say(f"warning: {line}")
-    if args.val_data:
-        val, val_report = read_conversations(args.val_data, format=args.format, skip_bad=args.skip_bad)
-        for line in val_report.get("warnings", []):
-            say(f"warning: {line}")
-        return conversations, val
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    train, val = split_validation(conversations, args.val_fraction, seed=args.seed)
-    if args.val_fraction > 0 and not val:
-        say(f"warning: --val-fraction {args.val_fraction} holds out nothing from {len(conversations)} "
-            "conversation(s): training without validation (give --val-data, or more data)")
-    return train, val
-
-
 def fit_prompt(ids: list[int], n_prefix: int, room: int) -> list[int]:
     """A prompt cut to `room` tokens: its BOS and its end, where the question is, are kept."""
     if len(ids) <= room:

@@ -112,6 +112,8 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float | N
         args.lr = default_lr or DEFAULT_LR[args.method]
     if args.patience and (not args.eval_every or (args.val_fraction == 0 and not args.val_data)):
         raise UserError("--patience needs validation data (--val-fraction > 0 or --val-data) and --eval-every > 0")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
     if args.max_len is not None and args.max_len < 3:
         raise UserError(f"--max-len {args.max_len}: a row needs at least 3 tokens")
     if args.samples < 0 or args.max_new_tokens < 1:
@@ -128,6 +130,24 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float | N
         check_new_run(args.out)  # before any work: refuse a folder holding a run
     else:
         latest_checkpoint(args.out)  # before any work: a run with nothing to resume from
+
+
+def read_with_validation(read, split, args: argparse.Namespace, say, unit: str) -> tuple[list, list]:
+    """Training and validation items: --data split by --val-fraction (split(items, fraction, seed)),
+    or --data and --val-data, each read by read(path) -> (items, report)."""
+    items, report = read(args.data)
+    for line in report["warnings"]:
+        say(f"warning: {line}")
+    if args.val_data:
+        val, val_report = read(args.val_data)
+        for line in val_report["warnings"]:
+            say(f"warning: {line}")
+        return items, val
+    train, val = split(items, args.val_fraction, seed=args.seed)
+    if args.val_fraction > 0 and not val:
+        say(f"warning: --val-fraction {args.val_fraction} holds out nothing from {len(items)} {unit}: "
+            "training without validation (give --val-data, or more data)")
+    return train, val
 
 
 def check_max_len(max_len: int, config, say, max_new_tokens: int = 0) -> None:

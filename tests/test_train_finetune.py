@@ -184,4 +184,4 @@ def test_a_scratch_run_refuses_a_folder_of_other_files_before_writing_into_it(tm
 def test_no_validation_document_to_hold_out_is_said(tmp_path, capsys):
     assert run(tmp_path / "run", "--base", BASE, "--data", write_docs(tmp_path / "one.txt", ["only one " * 20]),
                "--steps", "1", "--batch-size", "1") == 0
-    assert "holds out nothing from 1 distinct document(s)" in capsys.readouterr().out
+    assert "--val-fraction 0.05 holds out nothing from 1 documents" in capsys.readouterr().out
