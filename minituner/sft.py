@@ -11,11 +11,15 @@ token. Message text is encoded with Tokenizer.encode_text, so "<|im_end|>"
 typed in a message is plain text and cannot end a turn; the template's scaffolding is encoded
 normally, so its special-token strings become the control ids.
 
-Each segment is encoded as the continuation of the text before it: SentencePiece-style tokenizers
-(Llama 2, Mistral, TinyLlama) put a "▁" before the start of a text, and a continuation gets it
-only where encoding the whole string would (Tokenizer.encode_text), so the segments' ids are the
-whole rendered string's, as apply_chat_template makes them, unless a merge would cross a segment
-boundary (the templates end scaffolding before a word's leading space, so words do not).
+Each segment is encoded as the continuation of what came before it, BOS included, as a chat
+template writes it: SentencePiece-style tokenizers put a "▁" before the start of a text, and a
+continuation gets it only where encoding the whole string would (Tokenizer.encode_text). The
+segments' ids are then those of the whole rendered string encoded by the folder's tokenizer.json,
+except where that would merge characters across a segment boundary: a prompt/response boundary
+must not be merged over (e.g. an answer starting with punctuation right after a text "[/INST]",
+or with indentation after chatml's header newline), and a few whitespace runs in scaffolding (a
+plain-template "\n\n" before text) are split differently. (transformers 5 rebuilds Llama-2-style
+tokenizers from their class, with their own rules; see tokenizer.py.)
 
 Too long for max_len, an example is shortened in this order:
   1. drop the oldest exchanges (a user message and all that follows up to the next user message),
@@ -86,14 +90,14 @@ def build_example(conversation: list[dict], tokenizer, template: str, *, max_len
 def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
     """(ids, trained): the tokenizer's prefix (BOS), then each segment's ids; per id, whether it is
     trained. Also how a generation prompt is tokenised, so that it matches training."""
-    n_prefix = len(tokenizer.prefix_ids)
     ids = list(tokenizer.prefix_ids)
     trained = [False] * len(ids)
     for segment in segments:
         if segment.kind == EOS:
             piece = [tokenizer.eos_id]
-        else:  # each piece continues the text before it (BOS is not text: it is added, not written)
-            piece = tokenizer.encode_text(segment.text, specials_as_text=segment.kind != MARKUP, after=ids[n_prefix:])
+        else:  # each piece continues what came before (BOS included, as a chat template writes it)
+            piece = tokenizer.encode_text(segment.text, specials_as_text=segment.kind != MARKUP,
+                                          previous=ids[-1] if ids else None)
         ids += piece
         trained += [segment.trained] * len(piece)
     return ids, trained

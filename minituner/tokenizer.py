@@ -20,6 +20,7 @@ space or after a special token in the middle of a text.
 
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
@@ -46,11 +47,22 @@ class Tokenizer:
         self.generation_config = dict(generation_config or {})
         self.chat_template_file = chat_template_file  # text of chat_template.jinja, if the folder had one
         self.prefix_ids, self.suffix_ids = self._special_affixes()
-        self.prefix_space, self._joined = _prefix_space(backend)
-        added = backend.get_added_tokens_decoder()  # the tokens a text is split at before it is normalised
-        self.added_ids = set(added)
+
+    @cached_property
+    def prefix_space(self) -> str | None:
+        """Where the tokenizer puts a "▁" before text: "each", "first" or None (see _prefix_space)."""
+        return _prefix_space(self.backend)[0]
+
+    @cached_property
+    def _joined(self) -> Backend | None:
+        return _prefix_space(self.backend)[1]  # the same tokenizer without the prefix space
+
+    @cached_property
+    def _added(self) -> tuple[set, re.Pattern]:
+        """Ids and a splitting pattern of the added tokens, at which a text is split before it is normalised."""
+        added = self.backend.get_added_tokens_decoder()
         contents = sorted((t.content for t in added.values()), key=len, reverse=True)
-        self._added_pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else re.compile("(?!)")
+        return set(added), re.compile("(" + "|".join(map(re.escape, contents)) + ")" if contents else "(?!)")
 
     @property
     def vocab_size(self) -> int:
@@ -71,19 +83,19 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
-    def encode_text(self, text: str, *, specials_as_text: bool = True, after: list[int] | None = None) -> list[int]:
+    def encode_text(self, text: str, *, specials_as_text: bool = True, previous: int | None = None) -> list[int]:
         """Token ids of data text, no BOS/EOS added.
 
         specials_as_text: special-token strings written in it (a document quoting "<|endoftext|>",
             a user typing "<|im_end|>") stay the characters they are, so data can never smuggle in
             a control token; False for a template's own scaffolding.
-        after: the ids the text follows, when it continues a longer string that is tokenised piece
-            by piece (a chat template's segments). SentencePiece-style tokenizers put a "▁" before
-            the start of a text; encoding a continuation, we leave it out wherever encoding the
-            whole string would (see _prefix_space), so the pieces give the whole string's ids.
+        previous: the last id before the text, when it continues a longer string tokenised piece by
+            piece (a chat template's segments; a BOS counts, as apply_chat_template writes it).
+            SentencePiece-style tokenizers put a "▁" before the start of a text; for a continuation
+            it is left out wherever encoding the whole string would leave it out (_prefix_space).
         """
-        joined = bool(after) and self.prefix_space is not None and (
-            self.prefix_space == "first" or after[-1] not in self.added_ids)
+        joined = previous is not None and self.prefix_space is not None and (
+            self.prefix_space == "first" or previous not in self._added[0])
         if joined and self.prefix_space == "each" and not specials_as_text:
             return self._encode_continued_markup(text)
         return self._encode(self._joined if joined else self.backend, text, specials_as_text)
@@ -92,7 +104,7 @@ class Tokenizer:
         """Scaffolding that continues a text, for a tokenizer that puts "▁" after every special
         token: no "▁" before its first piece, one before each piece after a special token in it."""
         ids = []
-        for i, piece in enumerate(self._added_pattern.split(text)):
+        for i, piece in enumerate(self._added[1].split(text)):
             if i % 2:  # the split's captured separators: the special tokens
                 ids.append(self.backend.token_to_id(piece))
             elif piece:

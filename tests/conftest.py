@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as Backend
-from tokenizers import processors
+from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
 
 from minituner import trainer
 from minituner.tokenizer import Tokenizer
@@ -66,3 +66,25 @@ class StopAfterTwoSteps(trainer.StopRequest):
     @requested.setter
     def requested(self, value):
         pass
+
+
+SP_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def sentencepiece_like(shakespeare: str, style: str) -> Tokenizer:
+    """A BPE that writes spaces as "▁" and puts one before a text, as Llama 2 (a Prepend("▁")
+    normalizer) or Mistral/Llama converted later (Metaspace, prepend_scheme first or always) do;
+    and a Llama-style post-processor adding <s>."""
+    backend = Backend(models.BPE())
+    if style == "prepend":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=style)
+    # learned without newlines, "\n" stays a token of its own, as SentencePiece's byte token <0x0A> does
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SP_SPECIALS, initial_alphabet=["\n"],
+                                  show_progress=False)
+    backend.train_from_iterator([shakespeare.replace("\n", " ")], trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return Tokenizer(backend, bos_id=bos, eos_id=backend.token_to_id("</s>"), pad_id=backend.token_to_id("</s>"))

@@ -5,7 +5,7 @@ dependency: pip install transformers peft && pytest tests/test_hf_interop.py"""
 import pytest
 import torch
 
-from conftest import CHECKPOINTS, FIXTURES, reference
+from conftest import CHECKPOINTS, FIXTURES, reference, sentencepiece_like
 from minituner.checkpoint import load_adapter, load_pretrained, save_adapter, save_pretrained
 from minituner.config import ModelConfig
 from minituner.lora import apply_lora, lora_modules, merge_and_unload
@@ -135,13 +135,15 @@ def test_transformers_loads_our_merged_model(tmp_path, name):
 
 
 @pytest.mark.parametrize("system", [False, True])
-@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("kind", ["byte-level", "byte-level+bos", "prepend", "first", "always"])
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_exported_chat_template_writes_what_was_trained(tmp_path, chat_tokenizer, bos_tokenizer, template, bos,
-                                                         system):
-    """apply_chat_template of the folder we export renders exactly our training text, and generation
-    stops on the template's end token."""
-    tokenizer = bos_tokenizer if bos else chat_tokenizer
+def test_exported_chat_template_writes_what_was_trained(tmp_path, chat_tokenizer, bos_tokenizer, shakespeare,
+                                                         template, kind, system):
+    """apply_chat_template of the folder we export renders exactly our training text and ids, and
+    generation stops on the template's end token: for byte-level BPE (with and without BOS) and
+    SentencePiece-style tokenizers (a "▁" before text: Llama 2's Prepend, Metaspace first/always)."""
+    tokenizer = {"byte-level": chat_tokenizer, "byte-level+bos": bos_tokenizer}.get(kind)
+    tokenizer = tokenizer or sentencepiece_like(shakespeare, kind)
     tokenizer = Tokenizer(tokenizer.backend, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     tokenizer.set_chat_format(chat_template(template, bos=bool(tokenizer.prefix_ids)), stop_ids(template, tokenizer))
     tokenizer.save(tmp_path)
