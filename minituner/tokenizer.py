@@ -49,13 +49,17 @@ class Tokenizer:
         self.prefix_ids, self.suffix_ids = self._special_affixes()
 
     @cached_property
+    def _prefix(self) -> tuple[str | None, Backend | None]:
+        return _prefix_space(self.backend)  # serialises the whole tokenizer: once, and only when needed
+
+    @property
     def prefix_space(self) -> str | None:
         """Where the tokenizer puts a "▁" before text: "each", "first" or None (see _prefix_space)."""
-        return _prefix_space(self.backend)[0]
+        return self._prefix[0]
 
-    @cached_property
+    @property
     def _joined(self) -> Backend | None:
-        return _prefix_space(self.backend)[1]  # the same tokenizer without the prefix space
+        return self._prefix[1]  # the same tokenizer without the prefix space
 
     @cached_property
     def _added(self) -> tuple[set, re.Pattern]:
