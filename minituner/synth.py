@@ -1,0 +1,434 @@
+"""The built-in experiment's data: deterministic synthetic text whose answers can be checked
+exactly, generated on the fly from a seed (no download).
+
+Three sets, each with the role it plays for a real model:
+  general   simple English-like prose in which words, numbers and operations appear as
+            statements ("If you reverse the word lamp, you get pmal.", "Nine plus four makes
+            13." is written with digits, "The opposite of cold is hot."). It is what the shipped
+            base model was pretrained on: it knows the operations, but has never seen an
+            instruction or a chat turn.
+  tasks     instructions with exactly checkable answers, in FAMILIES (reverse, upper-case,
+            count, add, subtract, sort, first, last, repeat, opposite), each with several
+            phrasings. Held-out splits: unseen inputs with the training phrasings, and unseen
+            inputs with phrasings never used in training. An input is held out by its key (the
+            word, the pair of numbers, the list), so no held-out input is ever an instruction
+            in training.
+  domain    documents about a fictional island (people with made-up names, their villages,
+            trades, foods and animals: facts no base model can know), each fact stated in
+            several wordings across documents; plus cloze questions in a wording that no
+            training document uses for that fact, whose answer the documents state.
+
+Why this design lets a tiny model learn (see the README's built-in experiment):
+  - The tokenizer is byte-level with no merges (vocabulary 256 bytes + 3 special tokens), so
+    reversing, upper-casing and counting are operations on visible tokens; with BPE, "lamp" is
+    one token and its letters are hidden from a 1.5 M-parameter model.
+  - Pretraining states every operation in prose with several wordings, so instruction tuning
+    only has to teach the format (answer after the assistant header, then stop), which a small
+    LoRA learns in minutes; and an unseen phrasing reuses words the model met in pretraining.
+  - Domain facts are stated in three wordings each (paraphrase across documents is what lets a
+    model answer about a fact in a wording it did not see with that fact).
+"""
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+# ----------------------------------------------------------------------------- vocabulary
+WORDS = tuple("""
+ant apple arm baby bag ball band bank bed bell bird boat body bone book boot bowl box bread
+brick bus cake camp car card cat chair chalk cloud coat corn cow cup desk dog door dress drum
+duck egg farm fish flag foot fork frog game gate girl glass goat gold grape hand hat hill
+horse house jam key kite lamp leaf lion milk moon mouse nest net nose nut oak pan pear pen
+pig pin plate pond rain ring road rock roof rope salt sand seed ship shoe shop sock star
+stick stone sun table tent toy tree truck van wall wave wind wolf wood yard
+""".split())
+OPPOSITES = (("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"),
+             ("wet", "dry"), ("dark", "light"), ("full", "empty"), ("hard", "soft"), ("high", "low"),
+             ("long", "short"), ("open", "closed"), ("loud", "quiet"), ("rich", "poor"), ("thick", "thin"),
+             ("early", "late"), ("happy", "sad"), ("clean", "dirty"), ("near", "far"), ("strong", "weak"),
+             ("heavy", "airy"), ("left", "right"), ("day", "night"), ("in", "out"), ("win", "lose"),
+             ("buy", "sell"), ("push", "pull"), ("give", "take"), ("first", "last"), ("black", "white"),
+             ("sweet", "sour"), ("wide", "narrow"), ("deep", "shallow"), ("brave", "afraid"), ("true", "false"),
+             ("top", "bottom"), ("inside", "outside"), ("start", "finish"), ("before", "after"), ("yes", "no"))
+COLORS = ("red", "blue", "green", "yellow", "brown", "gray", "pink", "white")
+ADJECTIVES = ("little", "old", "red", "happy", "big", "quiet", "green", "small", "tall", "lazy")
+VERBS = ("saw", "found", "liked", "painted", "carried", "lost", "washed", "moved", "kept", "counted")
+PLACES = ("near the river", "in the garden", "on the hill", "by the road", "at the farm", "in the town")
+NAMES = ("Tom", "Ann", "Sam", "Lucy", "Ben", "Mia", "Max", "Ella", "Leo", "Zoe")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+MAX_NUMBER = 20  # operands of add and subtract: 0..20 (a table a tiny model can learn)
+
+
+def _items(rng: random.Random, low: int = 2, high: int = 6) -> list[str]:
+    return rng.sample(WORDS, rng.randint(low, high))
+
+
+def _listed(items) -> str:
+    return ", ".join(items)
+
+
+# ----------------------------------------------------------------------------- task families
+class Family(NamedTuple):
+    """A task: `draw(rng)` gives (key, fields, answer); the key decides the held-out split, the
+    fields fill the wordings, the answer is plain text compared exactly. Instruction tuning sees
+    `train` phrasings; `heldout` phrasings are only evaluated; `pretrain` wordings ask the same
+    question in the general corpus (a base model meets questions and answers in its text, in
+    wordings that are neither of the other two)."""
+    draw: Callable
+    train: list[str]
+    heldout: list[str]
+    pretrain: list[str]
+
+
+
+def _reverse(rng):
+    w = rng.choice(WORDS)
+    return w, {"w": w}, w[::-1]
+
+
+def _upper(rng):
+    w = rng.choice(WORDS)
+    return w, {"w": w}, w.upper()
+
+
+def _count(rng):
+    items = _items(rng, 2, 7)
+    return _listed(items), {"items": _listed(items)}, str(len(items))
+
+
+def _add(rng):
+    a, b = rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)
+    return f"{a}+{b}", {"a": a, "b": b}, str(a + b)
+
+
+def _subtract(rng):
+    a, b = sorted((rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)), reverse=True)
+    return f"{a}-{b}", {"a": a, "b": b}, str(a - b)
+
+
+def _sort(rng):
+    items = _items(rng, 3, 4)
+    return _listed(items), {"items": _listed(items)}, _listed(sorted(items))
+
+
+def _first(rng):
+    items = _items(rng, 2, 6)
+    return _listed(items), {"items": _listed(items)}, items[0]
+
+
+def _last(rng):
+    items = _items(rng, 2, 6)
+    return _listed(items), {"items": _listed(items)}, items[-1]
+
+
+def _repeat(rng):
+    w, n = rng.choice(WORDS), rng.randint(2, 4)
+    return f"{w}x{n}", {"w": w, "n": n, "n_word": NUMBER_WORDS[n]}, " ".join([w] * n)
+
+
+def _opposite(rng):
+    a, b = rng.choice(OPPOSITES)
+    a, b = (a, b) if rng.random() < 0.5 else (b, a)
+    return a, {"w": a}, b
+
+
+FAMILIES = {  # name: Family(draw, training phrasings, held-out phrasings, pretraining wordings)
+    "reverse": Family(
+        _reverse,
+        ["Reverse the word {w}.", "Write {w} backwards.",
+         "What is {w} spelled backwards?", "Spell the word {w} in reverse."],
+        ["Give me the word {w} reversed.", "How is {w} written backwards?"],
+        ["How do you spell {w} backwards?", "What is {w} in reverse?"]),
+    "upper": Family(
+        _upper,
+        ["Write {w} in capital letters.", "Convert {w} to upper case.",
+         "Uppercase this word: {w}", "What is {w} in capitals?"],
+        ["Spell {w} with all capital letters.", "Turn the word {w} into upper case."],
+        ["How do you write {w} in capitals?", "What is {w} in upper case?"]),
+    "count": Family(
+        _count,
+        ["How many words are in this list: {items}?", "Count the items: {items}.",
+         "Count the words in the list {items}.", "What is the number of items in {items}?"],
+        ["Tell me how many words this list has: {items}", "Give the count of the words {items}."],
+        ["How many words does {items} have?", "How many items are there in {items}?"]),
+    "add": Family(
+        _add,
+        ["What is {a} plus {b}?", "Add {a} and {b}.",
+         "Compute {a} + {b}.", "Find the sum of {a} and {b}."],
+        ["Tell me the sum of {a} and {b}.", "What do you get if you add {b} to {a}?"],
+        ["How much is {a} plus {b}?", "What is the sum of {a} and {b}?"]),
+    "subtract": Family(
+        _subtract,
+        ["What is {a} minus {b}?", "Subtract {b} from {a}.",
+         "Compute {a} - {b}.", "Find the difference of {a} and {b}."],
+        ["Take {b} away from {a}. What is left?", "Tell me what {a} minus {b} is."],
+        ["How much is {a} minus {b}?", "What is {b} less than {a}?"]),
+    "sort": Family(
+        _sort,
+        ["Sort these words: {items}.", "Put {items} in alphabetical order.",
+         "Arrange the words {items} from A to Z.", "Sort the list {items} alphabetically."],
+        ["Give me {items} sorted.", "What is the alphabetical order of {items}?"],
+        ["How do you sort {items}?", "What is {items} in alphabetical order?"]),
+    "first": Family(
+        _first,
+        ["What is the first item in {items}?", "Name the first word of the list {items}.",
+         "Which word comes first in {items}?", "Give the first item: {items}."],
+        ["Tell me the word at the start of {items}.", "Which item is first in the list {items}?"],
+        ["Which item starts the list {items}?", "What comes first in {items}?"]),
+    "last": Family(
+        _last,
+        ["What is the last item in {items}?", "Name the last word of the list {items}.",
+         "Which word comes last in {items}?", "Give the last item: {items}."],
+        ["Tell me the word at the end of {items}.", "Which item is last in the list {items}?"],
+        ["Which item ends the list {items}?", "What comes last in {items}?"]),
+    "repeat": Family(
+        _repeat,
+        ["Repeat the word {w} {n} times.", "Say {w} {n} times.",
+         "Write {w} {n_word} times.", "Repeat {w}, {n} times."],
+        ["Write the word {w} {n} times in a row.", "Give me {w} repeated {n_word} times."],
+        ["What is {w} said {n} times?", "How do you say {w} {n_word} times?"]),
+    "opposite": Family(
+        _opposite,
+        ["What is the opposite of {w}?", "Give the opposite of the word {w}.",
+         "Name the opposite of {w}.", "What word means the opposite of {w}?"],
+        ["Tell me the opposite of {w}.", "Which word is the opposite of {w}?"],
+        ["What is the opposite of the word {w}?", "Which word is opposite to {w}?"]),
+}
+HELD_OUT_SHARE = 0.2  # of each family's inputs (by key), never an instruction in training
+
+
+def held_out(family: str, key: str) -> bool:
+    """Whether an input is held out: a hash of (family, key), the same for every seed and run."""
+    digest = hashlib.sha256(f"{family}|{key}".encode()).digest()
+    return digest[0] < 256 * HELD_OUT_SHARE
+
+
+def task_splits(n_train: int = 4000, n_eval: int = 20, seed: int = 0) -> dict[str, list[dict]]:
+    """{"train", "heldout_inputs", "heldout_phrasings"}: lists of {"family", "key", "instruction", "answer"}.
+
+    train: n_train examples (families in turn) with training inputs and phrasings.
+    heldout_inputs: n_eval per family, held-out inputs in the training phrasings.
+    heldout_phrasings: n_eval per family, held-out inputs in the held-out phrasings.
+    Within a held-out set each input appears once (a family with fewer held-out inputs gives fewer items)."""
+    rng = random.Random(seed)
+    splits = {"train": [], "heldout_inputs": [], "heldout_phrasings": []}
+    for i in range(n_train):
+        family = list(FAMILIES)[i % len(FAMILIES)]
+        draw, phrasings, _, _ = FAMILIES[family]
+        while True:
+            key, fields, answer = draw(rng)
+            if not held_out(family, key):
+                break
+        splits["train"].append(_item(family, key, rng.choice(phrasings), fields, answer))
+    for family, (draw, train_phrasings, test_phrasings, _) in FAMILIES.items():
+        for split, phrasings in (("heldout_inputs", train_phrasings), ("heldout_phrasings", test_phrasings)):
+            seen = set()
+            for j in range(n_eval):
+                for _ in range(10_000):
+                    key, fields, answer = draw(rng)
+                    if held_out(family, key) and key not in seen:
+                        break
+                else:
+                    break  # the family has fewer held-out inputs than n_eval (opposite: 12)
+                seen.add(key)
+                splits[split].append(_item(family, key, phrasings[j % len(phrasings)], fields, answer))
+    return splits
+
+
+def _item(family: str, key: str, phrasing: str, fields: dict, answer: str) -> dict:
+    return {"family": family, "key": key, "instruction": phrasing.format(**fields), "answer": answer}
+
+
+def as_messages(item: dict) -> dict:
+    """A task item as a chat record (the `messages` format of minituner/formats.py)."""
+    messages = [{"role": "user", "content": item["instruction"]}, {"role": "assistant", "content": item["answer"]}]
+    return {"messages": messages, "family": item["family"], "key": item["key"]}
+
+
+# ----------------------------------------------------------------------------- general corpus
+# How often each kind of sentence comes: the operations a small model learns slowest (reversing,
+# arithmetic, sorting, finding the first item) come twice as often. 10: a little story. 11: a
+# question and its answer, asked in one of the family's pretraining wordings.
+STATEMENT_KINDS = (0, 0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 8, 9, 10, 11, 11, 11, 11)
+
+
+def _statement(rng: random.Random) -> str:
+    """One sentence stating an operation, a fact or a little story, in one of several wordings."""
+    kind = rng.choice(STATEMENT_KINDS)
+    w = rng.choice(WORDS)
+    if kind == 0:
+        return rng.choice(["If you reverse the word {w}, you get {r}.", "The word {w} spelled backwards is {r}.",
+                           "Written backwards, {w} becomes {r}.", "{W}, reversed, reads {r}.",
+                           "Spell {w} in reverse and you have {r}."]).format(w=w, W=w.capitalize(), r=w[::-1])
+    if kind == 1:
+        return rng.choice(["In capital letters, {w} is {u}.", "The word {w} in upper case is {u}.",
+                           "Write {w} with capitals and you get {u}.", "{W} in uppercase is {u}."]
+                          ).format(w=w, W=w.capitalize(), u=w.upper())
+    if kind == 2:
+        items = _items(rng, 2, 7)
+        n = len(items)
+        return rng.choice(["The list {l} has {n} words.", "There are {n} items in {l}.",
+                           "Count the words {l} and you get {n}.", "The number of items in {l} is {n}."]
+                          ).format(l=_listed(items), n=n)
+    if kind == 3:
+        a, b = rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)
+        return rng.choice(["{a} plus {b} is {s}.", "The sum of {a} and {b} is {s}.",
+                           "If you add {a} and {b}, you get {s}.", "{a} + {b} = {s}."]).format(a=a, b=b, s=a + b)
+    if kind == 4:
+        a, b = sorted((rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)), reverse=True)
+        return rng.choice(["{a} minus {b} is {d}.", "The difference of {a} and {b} is {d}.",
+                           "Take {b} away from {a} and {d} is left.", "{a} - {b} = {d}."]).format(a=a, b=b, d=a - b)
+    if kind == 5:
+        items = _items(rng, 3, 4)
+        return rng.choice(["In alphabetical order, {l} becomes {s}.", "Sorted from A to Z, {l} reads {s}.",
+                           "The words {l}, sorted, are {s}."]).format(l=_listed(items), s=_listed(sorted(items)))
+    if kind == 6:
+        items = _items(rng, 2, 6)
+        return rng.choice(["The first item in {l} is {f}.", "In the list {l}, the first word is {f}.",
+                           "{l}: it starts with {f}."]).format(l=_listed(items), f=items[0])
+    if kind == 7:
+        items = _items(rng, 2, 6)
+        return rng.choice(["The last item in {l} is {f}.", "In the list {l}, the last word is {f}.",
+                           "{l}: it ends with {f}."]).format(l=_listed(items), f=items[-1])
+    if kind == 8:
+        n = rng.randint(2, 4)
+        return rng.choice(["Said {n} times, {w} is {r}.", "The word {w} repeated {nw} times is {r}.",
+                           "Repeat {w} {n} times: {r}."]).format(w=w, n=n, nw=NUMBER_WORDS[n], r=" ".join([w] * n))
+    if kind == 9:
+        a, b = rng.choice(OPPOSITES)
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        return rng.choice(["The opposite of {a} is {b}.", "{A} is the opposite of {b}.",
+                           "What is not {a} is {b}."]).format(a=a, A=a.capitalize(), b=b)
+    if kind == 11:
+        family = rng.choice(list(FAMILIES))
+        draw, _, _, wordings = FAMILIES[family]
+        _, fields, answer = draw(rng)
+        return f"Question: {rng.choice(wordings).format(**fields)} Answer: {answer}."
+    return _story_sentence(rng, w)
+
+
+def _story_sentence(rng: random.Random, w: str) -> str:
+    name, other = rng.sample(WORDS, 2)[0], rng.choice(WORDS)
+    person = rng.choice(NAMES)
+    return rng.choice([f"{person} {rng.choice(VERBS)} a {rng.choice(ADJECTIVES)} {w} {rng.choice(PLACES)}.",
+                       f"The {w} was {rng.choice(COLORS)} and the {other} was {rng.choice(COLORS)}.",
+                       f"{person} had {rng.randint(2, 9)} {w}s and a {rng.choice(ADJECTIVES)} {name}.",
+                       f"One day {person} went {rng.choice(PLACES)} with a {w}."])
+
+
+def general_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """n_docs documents of 4 to 9 sentences each."""
+    rng = random.Random(seed)
+    return [" ".join(_statement(rng) for _ in range(rng.randint(4, 9))) for _ in range(n_docs)]
+
+
+# ----------------------------------------------------------------------------- domain corpus
+ISLAND = "Vellmora"
+DOMAIN_ATTRIBUTES = {  # attribute: (values, wordings of "{n} ... {v}" with the value last)
+    "village": (("Orlen", "Tessik", "Pallow", "Quenby", "Drumsk", "Ivaro", "Maskel", "Yorrin"),
+                ["{n} lives in {v}.", "The home of {n} is {v}.", "{n} comes from the village of {v}.",
+                 "In every port people know {n} as a neighbour from {v}."]),
+    "trade": (("baker", "miner", "weaver", "fisher", "potter", "smith", "farmer", "sailor"),
+              ["{n} works as a {v}.", "The trade of {n} is {v}.", "By trade, {n} is a {v}.",
+               "Everyone knows that {n} earns a living as a {v}."]),
+    "food": (("plums", "bread", "fish", "honey", "beans", "cheese", "apples", "soup"),
+             ["{n} likes to eat {v}.", "The favorite food of {n} is {v}.", "At every meal {n} asks for {v}.",
+              "Of all foods, {n} loves {v}."]),
+    "animal": (("goat", "owl", "cat", "horse", "crow", "dog", "fox", "pig"),
+               ["{n} keeps a {v}.", "The pet of {n} is a {v}.", "At home, {n} looks after a {v}.",
+                "Beside {n} you will often see a {v}."]),
+}
+
+
+def domain_names(n: int, seed: int = 0) -> list[str]:
+    """n distinct made-up names (two syllables of invented spelling)."""
+    rng = random.Random(seed + 1)
+    first, second = ("Bra", "Kel", "Zun", "Mor", "Fen", "Tal", "Vis", "Quo", "Dra", "Lum", "Sor", "Hap"), \
+                    ("wick", "dor", "mir", "vash", "tel", "gan", "rop", "zel", "nix", "bur", "lek", "ost")
+    names = sorted({a + b for a in first for b in second})
+    return rng.sample(names, n)
+
+
+def domain_facts(n_people: int = 40, seed: int = 0) -> list[dict]:
+    """[{"name", "attribute", "value", "cloze_wording"}]: every person's attributes, and for each
+    fact the index of the one wording held out from the documents for its cloze question."""
+    rng = random.Random(seed)
+    facts = []
+    for name in domain_names(n_people, seed):
+        for attribute, (values, wordings) in DOMAIN_ATTRIBUTES.items():
+            facts.append({"name": name, "attribute": attribute, "value": rng.choice(values),
+                          "cloze_wording": rng.randrange(len(wordings))})
+    return facts
+
+
+def domain_corpus(facts: list[dict], seed: int = 0) -> list[str]:
+    """Documents about the island: per person, one document for each wording not held out for
+    their facts (so each fact is stated 3 times, in 3 wordings), sentences shuffled."""
+    rng = random.Random(seed)
+    by_name = {}
+    for fact in facts:
+        by_name.setdefault(fact["name"], []).append(fact)
+    docs = []
+    for name, own in by_name.items():
+        for k in range(len(next(iter(DOMAIN_ATTRIBUTES.values()))[1]) - 1):
+            sentences = []
+            for fact in own:
+                wordings = DOMAIN_ATTRIBUTES[fact["attribute"]][1]
+                usable = [w for i, w in enumerate(wordings) if i != fact["cloze_wording"]]
+                sentences.append(usable[k].format(n=name, v=fact["value"]))
+            rng.shuffle(sentences)
+            docs.append(f"A story of {ISLAND}. " + " ".join(sentences))
+    rng.shuffle(docs)
+    return docs
+
+
+def cloze_items(facts: list[dict]) -> list[dict]:
+    """{"prompt", "answer"}: each fact in its held-out wording, cut before the value."""
+    items = []
+    for fact in facts:
+        wording = DOMAIN_ATTRIBUTES[fact["attribute"]][1][fact["cloze_wording"]]
+        prompt = wording.split("{v}")[0].format(n=fact["name"]).rstrip()
+        items.append({"prompt": prompt, "answer": fact["value"]})
+    return items
+
+
+# ----------------------------------------------------------------------------- files
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_documents(path: Path, docs: list[str]) -> Path:
+    """Documents as a .txt file, one paragraph each (minituner/corpus.py reads them back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None) -> int:
+    """Write a set to a file, to read it or to pretrain on it:
+    python -m minituner.synth general --docs 30000 --out general.txt"""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m minituner.synth", description=main.__doc__.split("\n")[0])
+    p.add_argument("set", choices=["general", "tasks", "domain"])
+    p.add_argument("--docs", type=int, default=30000, help="documents of the general corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.add_argument("--out", required=True, help="file to write (.txt for corpora, .jsonl for tasks)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.set == "general":
+        write_documents(out, general_corpus(args.docs, args.seed))
+    elif args.set == "domain":
+        write_documents(out, domain_corpus(domain_facts(seed=args.seed), args.seed))
+    else:
+        write_jsonl(out, [as_messages(item) for item in task_splits(seed=args.seed)["train"]])
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
