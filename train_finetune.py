@@ -2,6 +2,7 @@
 target, so that it specialises; or, from random weights and a tokenizer trained on the corpus,
 pretraining a small model from scratch.
 
+    python train_finetune.py                  # the built-in experiment (minituner/builtin.py): no download
     python train_finetune.py --base MODEL_DIR --data corpus.txt --val-fraction 0.1 --eval-every 50 --patience 3
     python train_finetune.py --base MODEL_DIR --data docs/ --general-eval general.txt    # forgetting in view
     python train_finetune.py --init scratch --preset small --vocab-size 4096 --data corpus.txt --steps 2000
@@ -14,7 +15,8 @@ overfitting (and --patience stops at, and restores, the best point); --general-e
 second corpus before and after, whose perplexity rising is forgetting. The run folder gets
 config.json, metrics.jsonl, summary.json (perplexities before and after), samples.json
 (continuations of held-out text before and after), model/ (a Hugging Face folder) and, for
-LoRA, adapter/; a from-scratch run also keeps its tokenizer/.
+LoRA, adapter/; a from-scratch run also keeps its tokenizer/. With --cloze, questions about
+facts of the domain are scored by exact match of greedy continuations before and after.
 """
 
 import argparse
@@ -24,20 +26,23 @@ from pathlib import Path
 
 import torch
 
+from minituner import builtin, synth
 from minituner.batching import pad_collate
 from minituner.checkpoint import load_pretrained
-from minituner.cli import (add_method_flags, add_training_flags, check_max_len, greedy_texts, lora_options,
-                           print_outcome, read_with_validation, real_token_share, resolve_resume, run_config,
-                           run_main, settle, train_options)
+from minituner.cli import (add_method_flags, add_training_flags, check_max_len, lora_options, print_outcome,
+                           print_table, read_with_validation, real_token_share, resolve_resume, run_config, run_main,
+                           settle, train_options)
 from minituner.config import SIZE_PRESETS, preset_config
 from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
 from minituner.distributed import all_gather_object, init_runtime, shutdown
 from minituner.errors import UserError
 from minituner.export import export_run
+from minituner.generate import greedy_texts
 from minituner.lora import apply_lora, trainable_report
 from minituner.model import Transformer
 from minituner.precision import POLICIES
-from minituner.state import write_json
+from minituner.scoring import cloze_accuracy, read_cloze
+from minituner.state import check_new_run, write_json
 from minituner.tokenizer import Tokenizer
 from minituner.trainer import steps_per_epoch, train
 
@@ -76,9 +81,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with concat: a token attends only within its own document, and no token is "
                         "predicted across a document boundary")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable files or records with a warning")
+    g.add_argument("--cloze", metavar="PATH",
+                   help='JSONL of {"prompt", "answer"} cloze questions, scored by exact match of the greedy '
+                        "continuation's first sentence, before and after")
     add_method_flags(p, default="full")
     add_training_flags(p)
-    args = resolve_resume(p.parse_args(argv), p, SCRIPT)
+    p.set_defaults(builtin=False)
+    args = p.parse_args(argv)
+    if args.resume is None and not args.base and not args.data and args.init == "base":  # the built-in experiment
+        p.set_defaults(builtin=True, **builtin.FINETUNE_OPTIONS)
+        args = p.parse_args(argv)
+    args = resolve_resume(args, p, SCRIPT)
     if args.isolate_docs and args.layout != "concat":
         p.error("--isolate-docs applies to --layout concat (rows hold one document each already)")
     if args.method == "lora" and args.init == "scratch":
@@ -89,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     if getattr(args, name) != p.get_default(name)]
     if args.init == "base" and scratch_only and args.resume is None:
         p.error(f"{', '.join(scratch_only).replace('_', '-')} shape a model built with --init scratch, not --base")
-    if not args.data or (args.init == "base") != bool(args.base):
+    if (not args.data and not args.builtin) or (args.init == "base") != bool(args.base or args.builtin):
         p.error("give --data, and --base (to fine-tune) or --init scratch (to pretrain), not both; "
                 "or --resume DIR")
     return args
@@ -99,6 +112,8 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
+    if args.builtin and args.resume is None:
+        builtin_data(args, runtime, say)
     settle(args, runtime.device, default_lr=SCRATCH_LR if args.init == "scratch" else None)
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
@@ -145,6 +160,8 @@ def run(argv=None) -> int:
     prompts = sample_prompts(val_docs or train_docs, tokenizer, args.samples)
     stops = [tokenizer.eos_id]
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
+    cloze = read_cloze(args.cloze) if args.cloze else None
+    cloze_before = cloze_accuracy(model, tokenizer, cloze) if cloze and runtime.is_main else None
 
     summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
                     extra_evals=extra, resume=args.resume is not None, run_config=run_config(args, SCRIPT),
@@ -157,6 +174,10 @@ def run(argv=None) -> int:
         after = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens)
         samples = [{"prompt": tokenizer.decode(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
         write_json(Path(args.out) / "samples.json", {"samples": samples})
+        if cloze_before:
+            summary["cloze"] = {"n": cloze_before["n"], "before": cloze_before["accuracy"],
+                                "after": cloze_accuracy(model, tokenizer, cloze)["accuracy"]}
+            write_json(Path(args.out) / "summary.json", summary)
         del model  # the export rebuilds the model in float32 on the CPU and loads the checkpoint's weights
         fresh = (load_pretrained(args.base, device="cpu", dtype=torch.float32)[0] if args.init == "base"
                  else scratch_model(args, tokenizer, max_len))
@@ -166,11 +187,41 @@ def run(argv=None) -> int:
         base_name = str(Path(args.base).resolve()) if args.base else None
         written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None, base_name=base_name)
         print_outcome(summary, samples, written)
+        print_table("before and after", outcome_rows(summary))
     shutdown(runtime)
     return 0
 
 
 # ----------------------------------------------------------------------------- steps of run()
+def builtin_data(args, runtime, say) -> None:
+    """The built-in experiment's inputs: the shipped base, and the domain corpus, its cloze
+    questions and held-out general text written into RUN/data/."""
+    args.base = str(builtin.check_base_model())
+    check_new_run(args.out)
+    folder = Path(args.out) / "data"
+    if runtime.is_main:
+        builtin.finetune_data(folder, seed=args.seed)
+    all_gather_object(None, runtime)  # the other ranks wait until the files are written
+    args.data, args.cloze = str(folder / "domain.txt"), str(folder / "cloze.jsonl")
+    args.general_eval = str(folder / "general_eval.txt")
+    say(f"built-in experiment: full fine-tuning of {args.base} on documents about the fictional island "
+        f"of {synth.ISLAND}; data in {folder}")
+
+
+def outcome_rows(summary: dict) -> list[tuple[str, str, str]]:
+    """The table a run ends with: (measure, before, after) for what was measured."""
+    rows = []
+    if summary.get("first_eval_ppl") is not None and summary.get("eval_ppl") is not None:
+        rows.append(("validation (domain) perplexity", f"{summary['first_eval_ppl']:.2f}", f"{summary['eval_ppl']:.2f}"))
+    if summary.get("cloze"):
+        c = summary["cloze"]
+        rows.append((f"cloze accuracy ({c['n']})", f"{c['before']:.1%}", f"{c['after']:.1%}"))
+    if summary.get("general_ppl_after") is not None:
+        rows.append(("general-text perplexity", f"{summary['general_ppl_before']:.2f}",
+                     f"{summary['general_ppl_after']:.2f}"))
+    return rows
+
+
 def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tokenizer:
     """A byte-level BPE trained on the training documents by rank 0 and kept in RUN/tokenizer/, so
     that every process and a resumed run use exactly the same one."""

@@ -1,6 +1,7 @@
 """Instruction tuning: supervised training on instruction -> response pairs, with the loss on
 the response tokens only, so that a pretrained model learns to follow instructions.
 
+    python train_instruct.py                  # the built-in experiment (minituner/builtin.py): no download
     python train_instruct.py --base MODEL_DIR --data data.jsonl [--template chatml] [--method lora|full]
     torchrun --nproc_per_node 2 train_instruct.py --base MODEL_DIR --data data.jsonl ...
     python train_instruct.py --resume runs/instruct-...      # continue an interrupted run
@@ -10,7 +11,8 @@ minituner/formats.py). A template (minituner/templates.py) renders each conversa
 prompt and response segments; only response tokens, with their end token, carry loss
 (minituner/sft.py). The run folder gets config.json, metrics.jsonl, summary.json, checkpoints/,
 samples.json (generations for held-out prompts before and after), model/ (a Hugging Face
-folder: the tuned model, LoRA merged in) and, for LoRA, adapter/ (a PEFT folder).
+folder: the tuned model, LoRA merged in) and, for LoRA, adapter/ (a PEFT folder). With
+--eval-exact, held-out sets are scored by exact match of greedy replies before and after.
 """
 
 import argparse
@@ -20,19 +22,22 @@ from pathlib import Path
 
 import torch
 
+from minituner import builtin, synth
 from minituner.batching import pack, pad_collate
 from minituner.checkpoint import load_pretrained
-from minituner.cli import (add_method_flags, add_training_flags, check_max_len, greedy_texts, lora_options,
-                           print_outcome, read_with_validation, real_token_share, resolve_resume, run_config,
-                           run_main, settle, train_options)
+from minituner.cli import (add_method_flags, add_training_flags, check_max_len, lora_options, print_outcome,
+                           print_table, read_with_validation, real_token_share, resolve_resume, run_config, run_main,
+                           settle, train_options)
 from minituner.datafile import split_validation
-from minituner.distributed import init_runtime, shutdown
+from minituner.distributed import all_gather_object, init_runtime, shutdown
 from minituner.export import export_run
 from minituner.formats import FORMATS, read_conversations
+from minituner.generate import greedy_texts
 from minituner.lora import apply_lora, trainable_report
 from minituner.precision import POLICIES
+from minituner.scoring import exact_match
 from minituner.sft import build_examples, prompt_ids, show_mask
-from minituner.state import write_json
+from minituner.state import check_new_run, write_json
 from minituner.templates import TEMPLATES, chat_template, check_template, default_template, stop_ids
 from minituner.trainer import steps_per_epoch, train
 
@@ -57,11 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pack", action="store_true", help="pack several examples per row (isolated from each other)")
     g.add_argument("--skip-bad", action="store_true", help="skip malformed records with a warning instead of stopping")
     g.add_argument("--show-mask", action="store_true", help="print one training example with its trained tokens marked")
+    g.add_argument("--eval-exact", action="append", default=[], metavar="PATH",
+                   help="held-out conversations (any --format) whose final answers are scored by exact match of "
+                        "the greedy reply, before and after training (repeatable)")
     add_method_flags(p, default="lora")
     add_training_flags(p)
-    args = resolve_resume(p.parse_args(argv), p, SCRIPT)
-    if not args.base or not args.data:
-        p.error("--base and --data are required (or --resume DIR)")
+    p.set_defaults(builtin=False)
+    args = p.parse_args(argv)
+    if args.resume is None and not args.base and not args.data:  # the built-in experiment
+        p.set_defaults(builtin=True, **builtin.INSTRUCT_OPTIONS)
+        args = p.parse_args(argv)
+    args = resolve_resume(args, p, SCRIPT)
+    if not args.builtin and (not args.base or not args.data):
+        p.error("give --base and --data (or neither, for the built-in experiment; or --resume DIR)")
     return args
 
 
@@ -69,6 +82,8 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
+    if args.builtin and args.resume is None:
+        builtin_data(args, runtime, say)
     settle(args, runtime.device)
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
@@ -115,6 +130,9 @@ def run(argv=None) -> int:
                for conv in held_out]
     stops = stop_ids(template, tokenizer)
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
+    score = partial(score_sets, eval_sets=read_eval_sets(args.eval_exact, args.format), tokenizer=tokenizer,
+                    template=template, max_new_tokens=args.max_new_tokens)
+    scores_before = score(model) if runtime.is_main else {}
 
     summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
                     resume=args.resume is not None, run_config=run_config(args, SCRIPT),
@@ -128,6 +146,11 @@ def run(argv=None) -> int:
         samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": conv[-1]["content"],
                     "before": b, "after": a} for p, b, a, conv in zip(prompts, before, after, held_out)]
         write_json(f"{args.out}/samples.json", {"samples": samples})
+        if scores_before:
+            summary["exact_match"] = {name: {"n": before["n"], "before": before["accuracy"],
+                                             "after": after["accuracy"]}
+                                      for (name, before), after in zip(scores_before.items(), score(model).values())}
+            write_json(f"{args.out}/summary.json", summary)
         # the exported folder says how it was tuned: apply_chat_template writes the trained format, and
         # generation stops on its end-of-turn token
         tokenizer.set_chat_format(chat_template(template, bos=bool(tokenizer.prefix_ids)), stops)
@@ -138,11 +161,39 @@ def run(argv=None) -> int:
         written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
                              base_name=str(Path(args.base).resolve()))
         print_outcome(summary, samples, written)
+        if scores_before:
+            print_table("held-out exact match", [(f"{name} ({s['n']})", f"{s['before']:.1%}", f"{s['after']:.1%}")
+                                                 for name, s in summary["exact_match"].items()])
     shutdown(runtime)
     return 0
 
 
 # ----------------------------------------------------------------------------- steps of run()
+def builtin_data(args, runtime, say) -> None:
+    """The built-in experiment's inputs: the shipped base, and the task splits written into RUN/data/."""
+    args.base = str(builtin.check_base_model())
+    check_new_run(args.out)
+    folder = Path(args.out) / "data"
+    if runtime.is_main:
+        builtin.instruct_data(folder, seed=args.seed)
+    all_gather_object(None, runtime)  # the other ranks wait until the files are written
+    paths = {name: folder / f"{name}.jsonl" for name in ("train", "heldout_inputs", "heldout_phrasings")}
+    args.data, args.val_data = str(paths["train"]), str(paths["heldout_inputs"])
+    args.eval_exact = [str(paths["heldout_inputs"]), str(paths["heldout_phrasings"])]
+    say(f"built-in experiment: LoRA instruction tuning of {args.base} on {len(synth.FAMILIES)} synthetic task "
+        f"families ({', '.join(synth.FAMILIES)}); data in {folder}")
+
+
+def read_eval_sets(paths: list[str], format: str) -> dict[str, list]:
+    """{name: conversations} of the --eval-exact files, each named by its file name without suffix."""
+    return {Path(path).stem: read_conversations(path, format=format)[0] for path in paths}
+
+
+def score_sets(model, *, eval_sets: dict, tokenizer, template: str, max_new_tokens: int) -> dict[str, dict]:
+    return {name: exact_match(model, tokenizer, template, convs, max_new_tokens=max_new_tokens)
+            for name, convs in eval_sets.items()}
+
+
 def fit_prompt(ids: list[int], n_prefix: int, room: int) -> list[int]:
     """A prompt cut to `room` tokens: its BOS and its end, where the question is, are kept."""
     if len(ids) <= room:

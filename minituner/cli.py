@@ -16,13 +16,12 @@ import torch
 
 from minituner.batching import real_token_fraction
 from minituner.errors import UserError
-from minituner.generate import generate
 from minituner.lora import DEFAULT_TARGETS
 from minituner.precision import POLICIES
 from minituner.state import check_new_run, latest_checkpoint, read_run_config
 from minituner.trainer import TrainOptions, micro_batches, step_examples
 
-PATH_FLAGS = ("base", "data", "val_data", "general_eval")
+PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # learning rates that usually work: adapters tolerate (and need) a larger step than full weights
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
@@ -85,6 +84,8 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
         raise UserError(f"--resume {args.resume}: its config.json was not written by {script}.py")
     def differs(key, value) -> bool:  # a path given again, relative, is the same path
         if key in PATH_FLAGS and value and saved.get(key):
+            if isinstance(value, list):
+                return [Path(v).resolve() for v in value] != [Path(v).resolve() for v in saved[key]]
             return Path(value).resolve() != Path(saved[key]).resolve()
         return value != saved.get(key)
 
@@ -119,11 +120,14 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float | N
     if args.samples < 0 or args.max_new_tokens < 1:
         raise UserError("--samples must be >= 0 and --max-new-tokens >= 1")
     for flag in PATH_FLAGS:  # absolute, so that config.json (and --resume) work from any folder
-        path = getattr(args, flag, None)
-        if path and not Path(path).exists():
-            raise UserError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
-        if path:
-            setattr(args, flag, str(Path(path).resolve()))
+        value = getattr(args, flag, None)
+        paths = value if isinstance(value, list) else [value] if value else []
+        for path in paths:
+            if not Path(path).exists():
+                raise UserError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+        resolved = [str(Path(path).resolve()) for path in paths]
+        if value:
+            setattr(args, flag, resolved if isinstance(value, list) else resolved[0])
     if args.val_data and args.val_data == args.data:
         raise UserError("--val-data is the --data file itself: validation must be held out")
     if args.resume is None:
@@ -224,14 +228,6 @@ def real_token_share(train_set: list, options: TrainOptions, world_size: int) ->
     return real_token_fraction(lengths, batches)
 
 
-def greedy_texts(model, tokenizer, prompts: list[list[int]], stops: list[int], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token-id prompts, as text without the token that ended them."""
-    if not prompts:
-        return []
-    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)
-    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in outputs]
-
-
 def print_outcome(summary: dict, samples: list[dict], written) -> None:
     """A finished run on stdout: losses and perplexities before and after, cost, samples, folders."""
     print(f"\n{summary['status']} after {summary['steps']} steps; train loss {summary['train_loss']:.4f}")
@@ -250,6 +246,16 @@ def print_outcome(summary: dict, samples: list[dict], written) -> None:
     for s in samples:
         print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
     print("\nwritten: " + ", ".join(str(p) for p in written))
+
+
+def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    """A before/after table in markdown, so it can be pasted into notes as it is."""
+    if not rows:
+        return
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}:\n| {'':{width}} | before | after |\n|{'-' * (width + 2)}|-------:|------:|")
+    for name, before, after in rows:
+        print(f"| {name:{width}} | {before:>6} | {after:>5} |")
 
 
 def _ppl(value: float | None) -> str:

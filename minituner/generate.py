@@ -133,6 +133,17 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], 
     return texts
 
 
+def greedy_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], stops, max_new_tokens: int,
+                 batch_size: int = 64) -> list[str]:
+    """Greedy continuations of token-id prompts, `batch_size` at a time, as text without the
+    token that ended them."""
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        outputs = generate(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=stops)
+        texts += [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in outputs]
+    return texts
+
+
 # ----------------------------------------------------------------------------- CLI
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on CUDA, float32 on CPU (exact, and not every CPU computes bf16 fast)."""

@@ -58,7 +58,7 @@ VERBS = ("saw", "found", "liked", "painted", "carried", "lost", "washed", "moved
 PLACES = ("near the river", "in the garden", "on the hill", "by the road", "at the farm", "in the town")
 NAMES = ("Tom", "Ann", "Sam", "Lucy", "Ben", "Mia", "Max", "Ella", "Leo", "Zoe")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-MAX_NUMBER = 20  # operands of add and subtract: 0..20 (a table a tiny model can learn)
+MAX_NUMBER = 12  # operands of add and subtract: 0..12 (tables a tiny model learns in pretraining)
 
 
 def _items(rng: random.Random, low: int = 2, high: int = 6) -> list[str]:
@@ -251,7 +251,7 @@ def as_messages(item: dict) -> dict:
 # How often each kind of sentence comes: the operations a small model learns slowest (reversing,
 # arithmetic, sorting, finding the first item) come twice as often. 10: a little story. 11: a
 # question and its answer, asked in one of the family's pretraining wordings.
-STATEMENT_KINDS = (0, 0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 8, 9, 10, 11, 11, 11, 11)
+STATEMENT_KINDS = (0, 0, 1, 2, 3, 3, 3, 4, 4, 4, 5, 5, 6, 6, 7, 8, 9, 10, 11, 11, 11, 11)
 
 
 def _statement(rng: random.Random) -> str:
@@ -318,45 +318,76 @@ def _story_sentence(rng: random.Random, w: str) -> str:
                        f"One day {person} went {rng.choice(PLACES)} with a {w}."])
 
 
+MAINLAND_PEOPLE = 300  # people of the general corpus's biographies
+BIOGRAPHY_SHARE = 0.2  # of its documents
+
+
 def general_corpus(n_docs: int, seed: int = 0) -> list[str]:
-    """n_docs documents of 4 to 9 sentences each."""
+    """n_docs documents: mostly 4 to 9 sentences of statements and questions, and (a fifth)
+    short biographies of mainland people, who have the attributes the island's people have, in
+    the same wordings. Pretraining on them teaches how such facts are told and asked for, not
+    any fact about the island (its people are other people)."""
     rng = random.Random(seed)
-    return [" ".join(_statement(rng) for _ in range(rng.randint(4, 9))) for _ in range(n_docs)]
+    people = domain_facts(MAINLAND_PEOPLE, seed=seed, middles="mkt")
+    by_name = {}
+    for fact in people:
+        by_name.setdefault(fact["name"], []).append(fact)
+    names = sorted(by_name)
+    docs = []
+    for _ in range(n_docs):
+        if rng.random() < BIOGRAPHY_SHARE:
+            own = by_name[rng.choice(names)]
+            sentences = [rng.choice(DOMAIN_ATTRIBUTES[f["attribute"]][1]).format(n=f["name"], v=f["value"])
+                         for f in own]
+            rng.shuffle(sentences)
+            docs.append("A story of the mainland. " + " ".join(sentences))
+        else:
+            docs.append(" ".join(_statement(rng) for _ in range(rng.randint(4, 9))))
+    return docs
 
 
 # ----------------------------------------------------------------------------- domain corpus
 ISLAND = "Vellmora"
-DOMAIN_ATTRIBUTES = {  # attribute: (values, wordings of "{n} ... {v}" with the value last)
+DOMAIN_ATTRIBUTES = {  # attribute: (values, wordings "{n} ... {v}.": the name first, the value last)
     "village": (("Orlen", "Tessik", "Pallow", "Quenby", "Drumsk", "Ivaro", "Maskel", "Yorrin"),
-                ["{n} lives in {v}.", "The home of {n} is {v}.", "{n} comes from the village of {v}.",
-                 "In every port people know {n} as a neighbour from {v}."]),
+                ["{n} lives in {v}.", "{n} has a house in {v}.", "{n} comes from the village of {v}.",
+                 "{n} was born and raised in {v}."]),
     "trade": (("baker", "miner", "weaver", "fisher", "potter", "smith", "farmer", "sailor"),
-              ["{n} works as a {v}.", "The trade of {n} is {v}.", "By trade, {n} is a {v}.",
-               "Everyone knows that {n} earns a living as a {v}."]),
+              ["{n} works as a {v}.", "{n} earns a living as a {v}.", "{n} is by trade a {v}.",
+               "{n} has always been a {v}."]),
     "food": (("plums", "bread", "fish", "honey", "beans", "cheese", "apples", "soup"),
-             ["{n} likes to eat {v}.", "The favorite food of {n} is {v}.", "At every meal {n} asks for {v}.",
-              "Of all foods, {n} loves {v}."]),
+             ["{n} likes to eat {v}.", "{n} loves the taste of {v}.", "{n} asks at every meal for {v}.",
+              "{n} would walk a mile for {v}."]),
     "animal": (("goat", "owl", "cat", "horse", "crow", "dog", "fox", "pig"),
-               ["{n} keeps a {v}.", "The pet of {n} is a {v}.", "At home, {n} looks after a {v}.",
-                "Beside {n} you will often see a {v}."]),
+               ["{n} keeps a {v}.", "{n} looks after a {v}.", "{n} owns a pet {v}.",
+                "{n} is never seen without a {v}."]),
 }
+DOCS_PER_WORDING = 10  # each fact is stated in every wording but its cloze one, this many times
 
 
-def domain_names(n: int, seed: int = 0) -> list[str]:
-    """n distinct made-up names (two syllables of invented spelling)."""
+def domain_names(n: int, seed: int = 0, middles: str = "lnrs") -> list[str]:
+    """n made-up names, each with its own first syllable (a tiny model tells people apart by
+    their first letters sooner than by a combination of shared syllables). The island's people
+    have an l, n, r or s after it; the general corpus's mainland people other letters."""
     rng = random.Random(seed + 1)
-    first, second = ("Bra", "Kel", "Zun", "Mor", "Fen", "Tal", "Vis", "Quo", "Dra", "Lum", "Sor", "Hap"), \
-                    ("wick", "dor", "mir", "vash", "tel", "gan", "rop", "zel", "nix", "bur", "lek", "ost")
-    names = sorted({a + b for a in first for b in second})
-    return rng.sample(names, n)
+    onsets = [c + v for c in "BDFGHKLMNPRSTVZ" for v in "aeiou"]  # 75 openings
+    codas = ("wick", "dor", "mir", "vash", "tel", "gan", "rop", "zel", "nix", "bur", "lek", "ost")
+    names = []
+    for onset in rng.sample(onsets, len(onsets)) * (1 + n // len(onsets)):
+        name = onset + rng.choice(middles) + rng.choice(codas)
+        if name not in names:
+            names.append(name)
+    if len(names) < n:
+        raise ValueError(f"could not make {n} distinct names")
+    return names[:n]
 
 
-def domain_facts(n_people: int = 40, seed: int = 0) -> list[dict]:
+def domain_facts(n_people: int = 40, seed: int = 0, middles: str = "lnrs") -> list[dict]:
     """[{"name", "attribute", "value", "cloze_wording"}]: every person's attributes, and for each
     fact the index of the one wording held out from the documents for its cloze question."""
     rng = random.Random(seed)
     facts = []
-    for name in domain_names(n_people, seed):
+    for name in domain_names(n_people, seed, middles):
         for attribute, (values, wordings) in DOMAIN_ATTRIBUTES.items():
             facts.append({"name": name, "attribute": attribute, "value": rng.choice(values),
                           "cloze_wording": rng.randrange(len(wordings))})
@@ -364,15 +395,16 @@ def domain_facts(n_people: int = 40, seed: int = 0) -> list[dict]:
 
 
 def domain_corpus(facts: list[dict], seed: int = 0) -> list[str]:
-    """Documents about the island: per person, one document for each wording not held out for
-    their facts (so each fact is stated 3 times, in 3 wordings), sentences shuffled."""
+    """Documents about the island: per person, DOCS_PER_WORDING documents for each wording not
+    held out for their facts (so each fact is stated 6 times, in 3 wordings), sentences shuffled."""
     rng = random.Random(seed)
     by_name = {}
     for fact in facts:
         by_name.setdefault(fact["name"], []).append(fact)
+    n_wordings = len(next(iter(DOMAIN_ATTRIBUTES.values()))[1])
     docs = []
     for name, own in by_name.items():
-        for k in range(len(next(iter(DOMAIN_ATTRIBUTES.values()))[1]) - 1):
+        for k in [k for k in range(n_wordings - 1) for _ in range(DOCS_PER_WORDING)]:
             sentences = []
             for fact in own:
                 wordings = DOMAIN_ATTRIBUTES[fact["attribute"]][1]

@@ -1,0 +1,121 @@
+"""The built-in experiment: the shipped base model (also after a non-editable install), both
+scripts with no arguments, on a cut-down budget, and the comparison."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_finetune
+import train_instruct
+from conftest import StopAfterTwoSteps
+from minituner import builtin, compare, synth, trainer
+from minituner.checkpoint import load_pretrained
+from minituner.generate import greedy_texts
+
+ROOT = Path(train_instruct.__file__).parent
+QUICK = ["--steps", "2", "--no-progress"]
+
+
+def summary(out) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def test_shipped_base_is_small_loads_and_knows_its_corpus():
+    size = sum(f.stat().st_size for f in builtin.BASE_MODEL.iterdir())
+    assert size <= 10 * 2**20
+    model, tokenizer = load_pretrained(builtin.BASE_MODEL)
+    assert tokenizer.vocab_size == 259  # bytes and three special tokens: see minituner/synth.py
+    # the general corpus states every pair of opposites: the base continues them (greedy)
+    prompts = [tokenizer.encode_text(f"The opposite of {a} is") for a, _ in synth.OPPOSITES]
+    texts = greedy_texts(model, tokenizer, prompts, [tokenizer.eos_id], 10)
+    right = sum(text.startswith(f" {b}.") for text, (_, b) in zip(texts, synth.OPPOSITES))
+    assert right >= 0.8 * len(synth.OPPOSITES), texts
+
+
+def test_train_instruct_with_no_arguments_runs_the_builtin_experiment(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_instruct.main(["--out", str(out), *QUICK]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["builtin"] and Path(config["base"]) == builtin.BASE_MODEL.resolve()
+    assert config["method"] == "lora" and config["steps"] == 2  # a flag given still wins
+    assert config["lora_rank"] == builtin.INSTRUCT_OPTIONS["lora_rank"] and config["max_len"] == 128
+    for name in ("train", "heldout_inputs", "heldout_phrasings"):
+        assert (out / "data" / f"{name}.jsonl").is_file()
+    scores = summary(out)["exact_match"]
+    assert set(scores) == {"heldout_inputs", "heldout_phrasings"}
+    for s in scores.values():
+        assert s["n"] > 150 and 0 <= s["before"] <= 1 and 0 <= s["after"] <= 1
+    assert "held-out exact match" in capsys.readouterr().out
+    assert (out / "model" / "chat_template.jinja").is_file() and (out / "adapter").is_dir()
+
+
+def test_train_finetune_with_no_arguments_runs_the_builtin_experiment(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_finetune.main(["--out", str(out), *QUICK]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["builtin"] and config["method"] == "full" and config["init"] == "base"
+    s = summary(out)
+    assert s["cloze"]["n"] == len(synth.domain_facts()) and s["general_ppl_after"] > 0
+    assert s["first_eval_ppl"] > s["eval_ppl"]  # even two steps learn something of the domain
+    assert "cloze accuracy" in capsys.readouterr().out
+
+
+def test_builtin_run_resumes_from_its_own_data(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "StopRequest", StopAfterTwoSteps)
+        assert train_finetune.main(["--out", str(out), "--steps", "4", "--save-every", "1", "--no-progress"]) == 130
+    stamp = (out / "data" / "domain.txt").stat().st_mtime_ns
+    assert train_finetune.main(["--resume", str(out), "--no-progress"]) == 0
+    assert summary(out)["steps"] == 4 and (out / "data" / "domain.txt").stat().st_mtime_ns == stamp
+
+
+def test_a_half_given_pair_is_still_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_instruct.main(["--data", "x.jsonl", "--out", str(tmp_path / "r")])
+    assert "give --base and --data" in capsys.readouterr().err
+
+
+def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "compare"
+    assert compare.main(["--out", str(out), "--scale", "0.005"]) == 0
+    text = (out / "comparison.md").read_text()
+    for claim in "abcdefgh":
+        assert f"| ({claim}) " in text
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["scores"]) == {"base", "instruct-lora", "instruct-full", "finetune", "finetune-instruct"}
+    lora, full = results["runs"]["instruct-lora"], results["runs"]["instruct-full"]
+    assert lora["trainable_params"] < full["trainable_params"] / 5
+    assert results["runs"]["overfit"]["restored_best"] in (True, False)
+
+
+@pytest.mark.skipif(shutil.which("pip") is None and not (Path(sys.executable).parent / "pip").exists(),
+                    reason="needs pip")
+def test_non_editable_install_ships_the_base_model_and_the_scripts(tmp_path):
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "minituner", src / "minituner", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "train_instruct.py", "train_finetune.py"):
+        shutil.copy(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-m", "train_finetune", "--out", "run", "--steps", "1", "--samples", "1",
+                           "--no-progress"], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert Path(config["base"]).is_relative_to(site)  # the installed copy, not this checkout
+    assert (work / "run" / "model" / "model.safetensors").is_file()

@@ -1,0 +1,47 @@
+"""Exact-match scoring: what counts as right (whitespace, sentence end, stop token), and cloze
+files' errors."""
+
+import json
+
+import pytest
+
+from minituner import scoring
+from minituner.errors import UserError
+
+
+class FakeTokenizer:
+    prefix_ids, eos_id = [], 0
+
+    def encode_text(self, text):
+        return [1]
+
+
+def test_exact_match_compares_stripped_replies(monkeypatch, chat_tokenizer):
+    replies = iter([[" pmal\n", "pmal.", "PMAL"]])
+    monkeypatch.setattr(scoring, "greedy_texts", lambda *a, **k: next(replies))
+    convs = [[{"role": "user", "content": "Reverse lamp."}, {"role": "assistant", "content": "pmal"}]] * 3
+    result = scoring.exact_match(None, chat_tokenizer, "chatml", convs, max_new_tokens=8)
+    assert result["hits"] == [True, False, False] and result["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_cloze_takes_the_first_sentence_of_the_continuation(monkeypatch):
+    monkeypatch.setattr(scoring, "greedy_texts", lambda *a, **k: [" Orlen. Tom keeps a cat.", " Orlen town.",
+                                                                  " Orl", "\nOrlen"])
+    items = [{"prompt": "Tom lives in", "answer": "Orlen"}] * 4
+    result = scoring.cloze_accuracy(None, FakeTokenizer(), items)
+    assert result["hits"] == [True, False, False, False] and result["n"] == 4
+
+
+def test_read_cloze_names_the_line_and_field(tmp_path):
+    path = tmp_path / "cloze.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(UserError, match=r"cloze.jsonl:2.*\"answer\" must be a non-empty string \(missing\)"):
+        scoring.read_cloze(path)
+    path.write_text(json.dumps({"prompt": 3, "answer": "b"}) + "\n")
+    with pytest.raises(UserError, match=r"\"prompt\" must be a non-empty string \(a number\)"):
+        scoring.read_cloze(path)
+    path.write_text('{"prompt": "a", "answer": "b"}\n{oops\n')
+    with pytest.raises(UserError, match=r"cloze.jsonl:2"):
+        scoring.read_cloze(path)
+    path.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    assert scoring.read_cloze(path) == [{"prompt": "a", "answer": "b"}]
