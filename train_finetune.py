@@ -112,6 +112,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
+    args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
     if args.builtin and args.resume is None:
         builtin_data(args, runtime, say)
     settle(args, runtime.device, default_lr=SCRATCH_LR if args.init == "scratch" else None)
@@ -195,15 +196,17 @@ def run(argv=None) -> int:
 # ----------------------------------------------------------------------------- steps of run()
 def builtin_data(args, runtime, say) -> None:
     """The built-in experiment's inputs: the shipped base, and the domain corpus, its cloze
-    questions and held-out general text written into RUN/data/."""
+    questions and held-out general text written into RUN/data/ (a --cloze or --general-eval
+    given is used instead)."""
     args.base = str(builtin.check_base_model())
-    check_new_run(args.out)
     folder = Path(args.out) / "data"
-    if runtime.is_main:
-        builtin.finetune_data(folder, seed=args.seed)
+    check_new_run(args.out)
+    builtin.check_data_folder(folder)
+    all_gather_object(None, runtime)  # every rank has checked before rank 0 writes
+    paths = builtin.finetune_data(folder, seed=args.seed, write=runtime.is_main)
     all_gather_object(None, runtime)  # the other ranks wait until the files are written
-    args.data, args.cloze = str(folder / "domain.txt"), str(folder / "cloze.jsonl")
-    args.general_eval = str(folder / "general_eval.txt")
+    args.data = str(paths["domain"])
+    args.cloze, args.general_eval = args.cloze or str(paths["cloze"]), args.general_eval or str(paths["general"])
     say(f"built-in experiment: full fine-tuning of {args.base} on documents about the fictional island "
         f"of {synth.ISLAND}; data in {folder}")
 

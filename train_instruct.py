@@ -82,6 +82,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
+    args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
     if args.builtin and args.resume is None:
         builtin_data(args, runtime, say)
     settle(args, runtime.device)
@@ -130,7 +131,7 @@ def run(argv=None) -> int:
                for conv in held_out]
     stops = stop_ids(template, tokenizer)
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
-    score = partial(score_sets, eval_sets=read_eval_sets(args.eval_exact, args.format), tokenizer=tokenizer,
+    score = partial(score_sets, eval_sets=read_eval_sets(args.eval_exact), tokenizer=tokenizer,
                     template=template, max_new_tokens=args.max_new_tokens)
     scores_before = score(model) if runtime.is_main else {}
 
@@ -170,27 +171,35 @@ def run(argv=None) -> int:
 
 # ----------------------------------------------------------------------------- steps of run()
 def builtin_data(args, runtime, say) -> None:
-    """The built-in experiment's inputs: the shipped base, and the task splits written into RUN/data/."""
+    """The built-in experiment's inputs: the shipped base, and the task splits written into
+    RUN/data/ (validation for the loss; the held-out sets scored by exact match, before any
+    --eval-exact of the user's)."""
     args.base = str(builtin.check_base_model())
-    check_new_run(args.out)
     folder = Path(args.out) / "data"
-    if runtime.is_main:
-        builtin.instruct_data(folder, seed=args.seed)
+    check_new_run(args.out)
+    builtin.check_data_folder(folder)
+    all_gather_object(None, runtime)  # every rank has checked before rank 0 writes
+    paths = builtin.instruct_data(folder, seed=args.seed, write=runtime.is_main)
     all_gather_object(None, runtime)  # the other ranks wait until the files are written
-    paths = {name: folder / f"{name}.jsonl" for name in ("train", "heldout_inputs", "heldout_phrasings")}
-    args.data, args.val_data = str(paths["train"]), str(paths["heldout_inputs"])
-    args.eval_exact = [str(paths["heldout_inputs"]), str(paths["heldout_phrasings"])]
+    args.data, args.val_data = str(paths["train"]), args.val_data or str(paths["validation"])
+    args.eval_exact = [str(paths["heldout_inputs"]), str(paths["heldout_phrasings"]), *args.eval_exact]
     say(f"built-in experiment: LoRA instruction tuning of {args.base} on {len(synth.FAMILIES)} synthetic task "
         f"families ({', '.join(synth.FAMILIES)}); data in {folder}")
 
 
-def read_eval_sets(paths: list[str], format: str) -> dict[str, list]:
-    """{name: conversations} of the --eval-exact files, each named by its file name without suffix."""
-    return {Path(path).stem: read_conversations(path, format=format)[0] for path in paths}
+def read_eval_sets(paths: list[str]) -> dict[str, list]:
+    """{name: conversations} of the --eval-exact files (any format), each named by its file name
+    without suffix (made unique by its position if two files share a name)."""
+    sets = {}
+    for i, path in enumerate(paths):
+        name = Path(path).stem if Path(path).stem not in sets else f"{Path(path).stem}-{i + 1}"
+        sets[name] = read_conversations(path)[0]
+    return sets
 
 
 def score_sets(model, *, eval_sets: dict, tokenizer, template: str, max_new_tokens: int) -> dict[str, dict]:
-    return {name: exact_match(model, tokenizer, template, convs, max_new_tokens=max_new_tokens)
+    """Exact match of greedy replies on each evaluation set: {name: scoring.exact_match's result}."""
+    return {name: exact_match(model, tokenizer, template, convs, max_new_tokens=max_new_tokens, source=name)
             for name, convs in eval_sets.items()}
 
 

@@ -23,10 +23,10 @@ GENERAL_EVAL_SEED = 1000
 GENERAL_EVAL_DOCS = 300
 INSTRUCT_EXAMPLES = 4000  # training examples of the task families
 # Options of the built-in runs, applied as the scripts' defaults (a flag given still wins).
-INSTRUCT_OPTIONS = {"steps": 300, "batch_size": 16, "lr": 2e-3, "lora_rank": 8, "lora_alpha": 16.0,
+INSTRUCT_OPTIONS = {"steps": 800, "batch_size": 16, "lr": 2e-3, "lora_rank": 8, "lora_alpha": 16.0,
                     "max_len": 128, "max_new_tokens": 32, "samples": 3, "warmup_steps": 20}
-FINETUNE_OPTIONS = {"steps": 300, "batch_size": 8, "lr": 1e-3, "max_len": 256, "val_fraction": 0.1,
-                    "max_new_tokens": 24, "samples": 3, "warmup_steps": 20, "eval_every": 50}
+FINETUNE_OPTIONS = {"steps": 800, "batch_size": 8, "lr": 2e-3, "max_len": 256, "val_fraction": 0.1,
+                    "max_new_tokens": 24, "samples": 3, "warmup_steps": 20, "eval_every": 100}
 
 
 def check_base_model() -> Path:
@@ -36,20 +36,34 @@ def check_base_model() -> Path:
     return BASE_MODEL
 
 
-def instruct_data(folder, n_train: int = INSTRUCT_EXAMPLES, n_eval: int = 20, seed: int = 0) -> dict[str, Path]:
-    """Write the task splits as `messages` JSONL into `folder`: {"train", "heldout_inputs",
-    "heldout_phrasings"} -> path."""
-    splits = synth.task_splits(n_train=n_train, n_eval=n_eval, seed=seed)
-    return {name: synth.write_jsonl(Path(folder) / f"{name}.jsonl", map(synth.as_messages, items))
-            for name, items in splits.items()}
+def check_data_folder(folder: Path) -> None:
+    """A new run's RUN/data/ must not exist yet: it could be the user's own files."""
+    if folder.exists():
+        raise UserError(f"{folder} already exists; the built-in experiment writes its data there: "
+                        "choose a new --out")
 
 
-def finetune_data(folder, seed: int = 0) -> dict[str, Path]:
-    """Write the domain corpus, its cloze questions and held-out general text into `folder`:
-    {"domain", "cloze", "general"} -> path."""
-    facts = synth.domain_facts(seed=seed)
+def instruct_data(folder, *, n_train: int = INSTRUCT_EXAMPLES, n_eval: int = 20, seed: int = 0,
+                  write: bool = True) -> dict[str, Path]:
+    """The task splits as `messages` JSONL files in `folder` (written if `write`): {"train",
+    "validation", "heldout_inputs", "heldout_phrasings"} -> path."""
     folder = Path(folder)
-    return {"domain": synth.write_documents(folder / "domain.txt", synth.domain_corpus(facts, seed=seed)),
-            "cloze": synth.write_jsonl(folder / "cloze.jsonl", synth.cloze_items(facts)),
-            "general": synth.write_documents(folder / "general_eval.txt",
-                                             synth.general_corpus(GENERAL_EVAL_DOCS, seed=GENERAL_EVAL_SEED))}
+    paths = {name: folder / f"{name}.jsonl" for name in ("train", "validation", "heldout_inputs", "heldout_phrasings")}
+    if write:
+        splits = synth.task_splits(n_train=n_train, n_eval=n_eval, seed=seed)
+        for name, path in paths.items():
+            synth.write_jsonl(path, map(synth.as_messages, splits[name]))
+    return paths
+
+
+def finetune_data(folder, *, seed: int = 0, write: bool = True) -> dict[str, Path]:
+    """The domain corpus, its cloze questions and held-out general text in `folder` (written if
+    `write`): {"domain", "cloze", "general"} -> path."""
+    folder = Path(folder)
+    paths = {"domain": folder / "domain.txt", "cloze": folder / "cloze.jsonl", "general": folder / "general_eval.txt"}
+    if write:
+        facts = synth.domain_facts(seed=seed)
+        synth.write_documents(paths["domain"], synth.domain_corpus(facts, seed=seed))
+        synth.write_jsonl(paths["cloze"], synth.cloze_items(facts))
+        synth.write_documents(paths["general"], synth.general_corpus(GENERAL_EVAL_DOCS, seed=GENERAL_EVAL_SEED))
+    return paths

@@ -4,8 +4,9 @@ where perplexity only says how surprised it is.
   exact_match     a conversation's final answer, the model's greedy reply to everything before it
                   (rendered by the template as in training, stopped at the end-of-turn token):
                   correct when the reply, stripped of surrounding whitespace, equals the answer.
-  cloze_accuracy  a text prompt cut before a fact ("The home of Kelbur is"): correct when the
-                  greedy continuation, up to the end of its sentence, equals the answer.
+  cloze_accuracy  a text prompt cut before a fact ("Kelbur lives in"): correct when the greedy
+                  continuation, up to the end of its sentence (or a token the model stops on:
+                  an instruction-tuned model ends its turn), equals the answer.
 
 Files of cloze items are JSON lines {"prompt": str, "answer": str}; instruction items are
 conversations in any format minituner/formats.py reads.
@@ -26,9 +27,13 @@ SENTENCE_END = re.compile(r"[.!?\n]")
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, template: str, conversations: list[list[dict]], *, max_new_tokens: int) -> dict:
+def exact_match(model, tokenizer, template: str, conversations: list[list[dict]], *, max_new_tokens: int,
+                source: str = "the evaluation set") -> dict:
     """{"accuracy", "correct", "n", "replies", "hits"}: greedy replies scored against the
     conversations' final (assistant) messages."""
+    for i, conv in enumerate(conversations):
+        if conv[-1]["role"] != "assistant":
+            raise UserError(f"{source}: conversation {i + 1} does not end with an assistant answer to score")
     prompts = [prompt_ids(conv, tokenizer, template) for conv in conversations]
     replies = greedy_texts(model, tokenizer, prompts, stop_ids(template, tokenizer), max_new_tokens)
     hits = [reply.strip() == conv[-1]["content"].strip() for reply, conv in zip(replies, conversations)]
@@ -40,7 +45,7 @@ def cloze_accuracy(model, tokenizer, items: list[dict], *, max_new_tokens: int =
     """{"accuracy", "correct", "n", "replies", "hits"}: greedy continuations of the prompts, the
     first sentence of each compared with the answer."""
     prompts = [tokenizer.prefix_ids + tokenizer.encode_text(item["prompt"]) for item in items]
-    replies = greedy_texts(model, tokenizer, prompts, [tokenizer.eos_id], max_new_tokens)
+    replies = greedy_texts(model, tokenizer, prompts, tokenizer.stop_ids, max_new_tokens)
     hits = [SENTENCE_END.split(reply, 1)[0].strip() == item["answer"].strip() for reply, item in zip(replies, items)]
     return _score(hits, replies)
 

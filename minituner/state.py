@@ -38,7 +38,7 @@ from minituner.errors import UserError, read_json
 CHECKPOINTS = "checkpoints"
 # Everything a run folder may hold; a new run refuses a folder holding anything else.
 RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, "model", "adapter", "samples.json",
-             "tokenizer", "data"}  # data: the built-in experiment's generated data
+             "tokenizer", "data"}  # data: the built-in experiment's generated data (never overwritten)
 
 
 def json_safe(value):

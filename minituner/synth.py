@@ -3,30 +3,33 @@ exactly, generated on the fly from a seed (no download).
 
 Three sets, each with the role it plays for a real model:
   general   simple English-like prose in which words, numbers and operations appear as
-            statements ("If you reverse the word lamp, you get pmal.", "Nine plus four makes
-            13." is written with digits, "The opposite of cold is hot."). It is what the shipped
-            base model was pretrained on: it knows the operations, but has never seen an
-            instruction or a chat turn.
+            statements ("Written backwards, lamp becomes pmal.", "7 plus 5 is 12.", "The
+            opposite of cold is hot."), questions with their answers (in wordings of their
+            own), little stories, and short biographies of made-up mainland people. It is what
+            the shipped base model was pretrained on: it knows the operations, but has never
+            seen an instruction or a chat turn.
   tasks     instructions with exactly checkable answers, in FAMILIES (reverse, upper-case,
-            count, add, subtract, sort, first, last, repeat, opposite), each with several
-            phrasings. Held-out splits: unseen inputs with the training phrasings, and unseen
-            inputs with phrasings never used in training. An input is held out by its key (the
-            word, the pair of numbers, the list), so no held-out input is ever an instruction
-            in training.
+            count, add, subtract, sort, first, last, repeat, opposite), each with training and
+            held-out phrasings. An input is held out by its key (the word, the pair of numbers,
+            the set of words, the pair of opposites), so no held-out input is ever an
+            instruction in training. Splits: train, validation (training keys, other items),
+            held-out inputs in the training phrasings, held-out inputs in held-out phrasings.
   domain    documents about a fictional island (people with made-up names, their villages,
             trades, foods and animals: facts no base model can know), each fact stated in
-            several wordings across documents; plus cloze questions in a wording that no
-            training document uses for that fact, whose answer the documents state.
+            three wordings across documents; plus cloze questions in the fourth wording, which
+            no document uses for that fact.
 
 Why this design lets a tiny model learn (see the README's built-in experiment):
   - The tokenizer is byte-level with no merges (vocabulary 256 bytes + 3 special tokens), so
     reversing, upper-casing and counting are operations on visible tokens; with BPE, "lamp" is
-    one token and its letters are hidden from a 1.5 M-parameter model.
-  - Pretraining states every operation in prose with several wordings, so instruction tuning
-    only has to teach the format (answer after the assistant header, then stop), which a small
-    LoRA learns in minutes; and an unseen phrasing reuses words the model met in pretraining.
-  - Domain facts are stated in three wordings each (paraphrase across documents is what lets a
-    model answer about a fact in a wording it did not see with that fact).
+    one token and its letters are hidden from a 1.8 M-parameter model.
+  - Pretraining states every operation, and asks about it, so instruction tuning only has to
+    teach the format (answer after the assistant header, then stop), which a small LoRA learns
+    in minutes; an unseen phrasing reuses words the model met in pretraining.
+  - Pretraining biographies tell facts about people in all four wordings, so the base knows how
+    such facts are told; fine-tuning then has to store the island's facts, and the documents
+    repeat each in shuffled company, which lets a model recall a fact in a wording it never saw
+    with it.
 """
 
 import hashlib
@@ -109,8 +112,8 @@ def _subtract(rng):
 
 
 def _sort(rng):
-    items = _items(rng, 3, 4)
-    return _listed(items), {"items": _listed(items)}, _listed(sorted(items))
+    items = _items(rng, 3, 4)  # the key is the sorted list: every order of it is held out, or none
+    return _listed(sorted(items)), {"items": _listed(items)}, _listed(sorted(items))
 
 
 def _first(rng):
@@ -129,9 +132,9 @@ def _repeat(rng):
 
 
 def _opposite(rng):
-    a, b = rng.choice(OPPOSITES)
-    a, b = (a, b) if rng.random() < 0.5 else (b, a)
-    return a, {"w": a}, b
+    pair = rng.choice(OPPOSITES)  # the key is the pair: both directions are held out, or neither
+    a, b = pair if rng.random() < 0.5 else pair[::-1]
+    return "|".join(sorted(pair)), {"w": a}, b
 
 
 FAMILIES = {  # name: Family(draw, training phrasings, held-out phrasings, pretraining wordings)
@@ -206,35 +209,47 @@ def held_out(family: str, key: str) -> bool:
 
 
 def task_splits(n_train: int = 4000, n_eval: int = 20, seed: int = 0) -> dict[str, list[dict]]:
-    """{"train", "heldout_inputs", "heldout_phrasings"}: lists of {"family", "key", "instruction", "answer"}.
+    """{"train", "validation", "heldout_inputs", "heldout_phrasings"}: lists of {"family", "key",
+    "instruction", "answer"}.
 
     train: n_train examples (families in turn) with training inputs and phrasings.
+    validation: n_eval // 2 per family like train, but none of train's instructions (for the
+      validation loss and early stopping, so that the held-out sets are only ever scored).
     heldout_inputs: n_eval per family, held-out inputs in the training phrasings.
     heldout_phrasings: n_eval per family, held-out inputs in the held-out phrasings.
     Within a held-out set each input appears once (a family with fewer held-out inputs gives fewer items)."""
     rng = random.Random(seed)
-    splits = {"train": [], "heldout_inputs": [], "heldout_phrasings": []}
+    splits = {"train": [], "validation": [], "heldout_inputs": [], "heldout_phrasings": []}
+    names = list(FAMILIES)
     for i in range(n_train):
-        family = list(FAMILIES)[i % len(FAMILIES)]
-        draw, phrasings, _, _ = FAMILIES[family]
-        while True:
-            key, fields, answer = draw(rng)
-            if not held_out(family, key):
-                break
-        splits["train"].append(_item(family, key, rng.choice(phrasings), fields, answer))
-    for family, (draw, train_phrasings, test_phrasings, _) in FAMILIES.items():
-        for split, phrasings in (("heldout_inputs", train_phrasings), ("heldout_phrasings", test_phrasings)):
+        name = names[i % len(names)]
+        key, fields, answer = _draw(FAMILIES[name], rng, lambda k, f, a: not held_out(name, k))
+        splits["train"].append(_item(name, key, rng.choice(FAMILIES[name].train), fields, answer))
+    trained = {item["instruction"] for item in splits["train"]}
+    for name, family in FAMILIES.items():
+        for j in range(n_eval // 2):
+            phrasing = family.train[j % len(family.train)]
+            drawn = _draw(family, rng, lambda k, f, a: not held_out(name, k) and phrasing.format(**f) not in trained)
+            if drawn:
+                splits["validation"].append(_item(name, drawn[0], phrasing, drawn[1], drawn[2]))
+        for split, phrasings in (("heldout_inputs", family.train), ("heldout_phrasings", family.heldout)):
             seen = set()
             for j in range(n_eval):
-                for _ in range(10_000):
-                    key, fields, answer = draw(rng)
-                    if held_out(family, key) and key not in seen:
-                        break
-                else:
-                    break  # the family has fewer held-out inputs than n_eval (opposite: 12)
-                seen.add(key)
-                splits[split].append(_item(family, key, phrasings[j % len(phrasings)], fields, answer))
+                drawn = _draw(family, rng, lambda k, f, a: held_out(name, k) and (k, a) not in seen)
+                if drawn is None:
+                    break  # the family has fewer held-out inputs than n_eval
+                seen.add((drawn[0], drawn[2]))
+                splits[split].append(_item(name, drawn[0], phrasings[j % len(phrasings)], drawn[1], drawn[2]))
     return splits
+
+
+def _draw(family: Family, rng: random.Random, accept, tries: int = 10_000) -> tuple | None:
+    """A (key, fields, answer) of the family that accept(key, fields, answer) takes, or None."""
+    for _ in range(tries):
+        drawn = family.draw(rng)
+        if accept(*drawn):
+            return drawn
+    return None
 
 
 def _item(family: str, key: str, phrasing: str, fields: dict, answer: str) -> dict:
@@ -248,8 +263,8 @@ def as_messages(item: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- general corpus
-# How often each kind of sentence comes: the operations a small model learns slowest (reversing,
-# arithmetic, sorting, finding the first item) come twice as often. 10: a little story. 11: a
+# How often each kind of sentence comes: the operations a small model learns slowest come more
+# often (arithmetic three times, reversing, sorting and finding the first item twice). 10: a little story. 11: a
 # question and its answer, asked in one of the family's pretraining wordings.
 STATEMENT_KINDS = (0, 0, 1, 2, 3, 3, 3, 4, 4, 4, 5, 5, 6, 6, 7, 8, 9, 10, 11, 11, 11, 11)
 
@@ -396,7 +411,10 @@ def domain_facts(n_people: int = 40, seed: int = 0, middles: str = "lnrs") -> li
 
 def domain_corpus(facts: list[dict], seed: int = 0) -> list[str]:
     """Documents about the island: per person, DOCS_PER_WORDING documents for each wording not
-    held out for their facts (so each fact is stated 6 times, in 3 wordings), sentences shuffled."""
+    held out for their facts, sentences shuffled: each fact is stated DOCS_PER_WORDING times in each of
+    its 3 training wordings, in documents that differ in sentence order (the augmentation that
+    lets a model recall a fact in a wording it never saw with it: Allen-Zhu & Li 2023, "Physics of
+    Language Models 3.1")."""
     rng = random.Random(seed)
     by_name = {}
     for fact in facts:

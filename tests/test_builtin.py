@@ -44,8 +44,9 @@ def test_train_instruct_with_no_arguments_runs_the_builtin_experiment(tmp_path, 
     assert config["builtin"] and Path(config["base"]) == builtin.BASE_MODEL.resolve()
     assert config["method"] == "lora" and config["steps"] == 2  # a flag given still wins
     assert config["lora_rank"] == builtin.INSTRUCT_OPTIONS["lora_rank"] and config["max_len"] == 128
-    for name in ("train", "heldout_inputs", "heldout_phrasings"):
+    for name in ("train", "validation", "heldout_inputs", "heldout_phrasings"):
         assert (out / "data" / f"{name}.jsonl").is_file()
+    assert config["val_data"].endswith("validation.jsonl")  # the held-out sets are only scored
     scores = summary(out)["exact_match"]
     assert set(scores) == {"heldout_inputs", "heldout_phrasings"}
     for s in scores.values():
@@ -73,6 +74,18 @@ def test_builtin_run_resumes_from_its_own_data(tmp_path, monkeypatch):
     stamp = (out / "data" / "domain.txt").stat().st_mtime_ns
     assert train_finetune.main(["--resume", str(out), "--no-progress"]) == 0
     assert summary(out)["steps"] == 4 and (out / "data" / "domain.txt").stat().st_mtime_ns == stamp
+
+
+def test_builtin_run_keeps_the_users_evaluation_files_and_data_folder(tmp_path, capsys):
+    cloze = tmp_path / "mine.jsonl"
+    cloze.write_text(json.dumps({"prompt": "The opposite of hot is", "answer": "cold"}) + "\n")
+    out = tmp_path / "run"
+    assert train_finetune.main(["--out", str(out), "--cloze", str(cloze), *QUICK]) == 0
+    assert summary(out)["cloze"]["n"] == 1 and summary(out)["cloze"]["before"] == 1.0  # the base knows it
+    taken = tmp_path / "taken"
+    (taken / "data").mkdir(parents=True)
+    assert train_instruct.main(["--out", str(taken), *QUICK]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_a_half_given_pair_is_still_an_error(tmp_path, capsys):

@@ -10,7 +10,7 @@ from minituner.errors import UserError
 
 
 class FakeTokenizer:
-    prefix_ids, eos_id = [], 0
+    prefix_ids, eos_id, stop_ids = [], 0, [0]
 
     def encode_text(self, text):
         return [1]

@@ -25,7 +25,7 @@ def check_answer(item: dict) -> None:
         "first": lambda: key.split(", ")[0],
         "last": lambda: key.split(", ")[-1],
         "repeat": lambda: " ".join([key.rsplit("x", 1)[0]] * int(key.rsplit("x", 1)[1])),
-        "opposite": lambda: dict(synth.OPPOSITES + tuple((b, a) for a, b in synth.OPPOSITES))[key],
+        "opposite": lambda: next(w for w in key.split("|") if w not in item["instruction"].split(" ")[-1]),
     }[family]()
     assert answer == expected, item
 
@@ -52,13 +52,19 @@ def test_held_out_inputs_and_phrasings_never_trained(splits):
         items = splits[split]
         assert items and not train_keys & {(i["family"], i["key"]) for i in items}
         assert not train_texts & {i["instruction"] for i in items}
-        keys = [(i["family"], i["key"]) for i in items]
-        assert len(keys) == len(set(keys)), f"{split} repeats an input"
+        inputs = [(i["family"], i["key"], i["answer"]) for i in items]
+        assert len(inputs) == len(set(inputs)), f"{split} repeats an input"
     for name, family in synth.FAMILIES.items():  # the wordings of the three uses are disjoint
         assert not set(family.train) & set(family.heldout), name
         assert not set(family.pretrain) & (set(family.train) | set(family.heldout)), name
     # each held-out-phrasing item uses a held-out phrasing, each training item a training one
-    for split, attr in (("train", "train"), ("heldout_inputs", "train"), ("heldout_phrasings", "heldout")):
+    validation = {i["instruction"] for i in splits["validation"]}
+    assert validation and not validation & train_texts
+    assert not {(i["family"], i["key"]) for i in splits["validation"]} - train_keys - {
+        (i["family"], i["key"]) for i in splits["validation"]}  # training keys only (checked below)
+    assert all(not synth.held_out(i["family"], i["key"]) for i in splits["validation"])
+    for split, attr in (("train", "train"), ("validation", "train"), ("heldout_inputs", "train"),
+                        ("heldout_phrasings", "heldout")):
         for item in splits[split]:
             patterns = [re.escape(p).replace(r"\{", "{").replace(r"\}", "}") for p in
                         getattr(synth.FAMILIES[item["family"]], attr)]
