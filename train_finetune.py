@@ -42,7 +42,7 @@ from minituner.lora import apply_lora, trainable_report
 from minituner.model import Transformer
 from minituner.precision import POLICIES
 from minituner.scoring import cloze_accuracy, read_cloze
-from minituner.state import check_new_run, write_json
+from minituner.state import write_json
 from minituner.tokenizer import Tokenizer
 from minituner.trainer import steps_per_epoch, train
 
@@ -199,16 +199,11 @@ def builtin_data(args, runtime, say) -> None:
     questions and held-out general text written into RUN/data/ (a --cloze or --general-eval
     given is used instead)."""
     args.base = str(builtin.check_base_model())
-    folder = Path(args.out) / "data"
-    check_new_run(args.out)
-    builtin.check_data_folder(folder)
-    all_gather_object(None, runtime)  # every rank has checked before rank 0 writes
-    paths = builtin.finetune_data(folder, seed=args.seed, write=runtime.is_main)
-    all_gather_object(None, runtime)  # the other ranks wait until the files are written
+    paths = builtin.prepare(args.out, builtin.finetune_data, seed=args.seed, runtime=runtime)
     args.data = str(paths["domain"])
     args.cloze, args.general_eval = args.cloze or str(paths["cloze"]), args.general_eval or str(paths["general"])
     say(f"built-in experiment: full fine-tuning of {args.base} on documents about the fictional island "
-        f"of {synth.ISLAND}; data in {folder}")
+        f"of {synth.ISLAND}; data in {paths['domain'].parent}")
 
 
 def outcome_rows(summary: dict) -> list[tuple[str, str, str]]:

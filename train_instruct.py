@@ -37,7 +37,7 @@ from minituner.lora import apply_lora, trainable_report
 from minituner.precision import POLICIES
 from minituner.scoring import exact_match
 from minituner.sft import build_examples, prompt_ids, show_mask
-from minituner.state import check_new_run, write_json
+from minituner.state import write_json
 from minituner.templates import TEMPLATES, chat_template, check_template, default_template, stop_ids
 from minituner.trainer import steps_per_epoch, train
 
@@ -175,16 +175,11 @@ def builtin_data(args, runtime, say) -> None:
     RUN/data/ (validation for the loss; the held-out sets scored by exact match, before any
     --eval-exact of the user's)."""
     args.base = str(builtin.check_base_model())
-    folder = Path(args.out) / "data"
-    check_new_run(args.out)
-    builtin.check_data_folder(folder)
-    all_gather_object(None, runtime)  # every rank has checked before rank 0 writes
-    paths = builtin.instruct_data(folder, seed=args.seed, write=runtime.is_main)
-    all_gather_object(None, runtime)  # the other ranks wait until the files are written
+    paths = builtin.prepare(args.out, builtin.instruct_data, seed=args.seed, runtime=runtime)
     args.data, args.val_data = str(paths["train"]), args.val_data or str(paths["validation"])
     args.eval_exact = [str(paths["heldout_inputs"]), str(paths["heldout_phrasings"]), *args.eval_exact]
     say(f"built-in experiment: LoRA instruction tuning of {args.base} on {len(synth.FAMILIES)} synthetic task "
-        f"families ({', '.join(synth.FAMILIES)}); data in {folder}")
+        f"families ({', '.join(synth.FAMILIES)}); data in {paths['train'].parent}")
 
 
 def read_eval_sets(paths: list[str]) -> dict[str, list]:

@@ -16,7 +16,9 @@ GENERAL_EVAL_SEED gives different documents, held out from that pretraining.
 from pathlib import Path
 
 from minituner import synth
+from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError
+from minituner.state import check_new_run
 
 BASE_MODEL = Path(__file__).parent / "base_model"
 GENERAL_EVAL_SEED = 1000
@@ -36,11 +38,19 @@ def check_base_model() -> Path:
     return BASE_MODEL
 
 
-def check_data_folder(folder: Path) -> None:
-    """A new run's RUN/data/ must not exist yet: it could be the user's own files."""
+def prepare(run_dir, make, *, seed: int, runtime: Runtime) -> dict[str, Path]:
+    """The data files of a new built-in run, made by `make` (instruct_data or finetune_data) in
+    RUN/data/ on rank 0; every rank gets their paths. RUN/data/ must not exist yet: it could
+    hold the user's own files."""
+    folder = Path(run_dir) / "data"
+    check_new_run(run_dir)
     if folder.exists():
         raise UserError(f"{folder} already exists; the built-in experiment writes its data there: "
                         "choose a new --out")
+    all_gather_object(None, runtime)  # every rank has checked before rank 0 writes
+    paths = make(folder, seed=seed, write=runtime.is_main)
+    all_gather_object(None, runtime)  # the other ranks wait until the files are written
+    return paths
 
 
 def instruct_data(folder, *, n_train: int = INSTRUCT_EXAMPLES, n_eval: int = 20, seed: int = 0,
