@@ -1,6 +1,6 @@
 """Instruction tuning and fine-tuning side by side, on the built-in experiment:
 
-    python -m minituner.compare [--out runs/compare] [--scale 1.0]
+    python -m minituner.compare [--out runs/compare-DATE-TIME] [--scale 1.0]
 
 It trains, each in its own process (so peak memory is each run's own) with the two scripts:
   instruct-lora      LoRA instruction tuning of the shipped base (train_instruct.py's default)
@@ -114,8 +114,8 @@ def overfit_flags(root: Path, scale: float) -> list[str]:
     folder = root / "data"
     small = synth.write_documents(folder / "overfit_train.txt", train_docs[:OVERFIT_DOCS])
     val = synth.write_documents(folder / "overfit_val.txt", val_docs)
-    options = {**builtin.FINETUNE_OPTIONS, "steps": max(4, round(400 * scale)), "eval_every": max(1, round(10 * scale)),
-               "patience": 3, "batch_size": 4}
+    options = scaled({**builtin.FINETUNE_OPTIONS, "steps": 400, "eval_every": 10, "patience": 3, "batch_size": 4},
+                     scale)
     options.pop("val_fraction")
     return ["--base", str(builtin.BASE_MODEL), "--data", str(small), "--val-data", str(val), *flags(options)]
 
@@ -172,8 +172,9 @@ def claims(scores: dict, runs: dict, curve: list[tuple[int, float]]) -> list[tup
         ("(c) domain adaptation", "domain perplexity; cloze accuracy: base → fine-tuned",
          f"{base['domain_ppl']:.2f} → {ft['domain_ppl']:.2f}; {pct(base['cloze'])} → {pct(ft['cloze'])}"),
         ("(d) overfitting", f"validation loss, fine-tuning on {OVERFIT_DOCS} documents",
-         f"lowest {low[1]:.3f} at step {low[0]}, then {last[1]:.3f} at step {last[0]}; early stopping "
-         f"stopped at step {o['steps']} and restored step {o['weights_of_step']}"),
+         f"lowest {low[1]:.3f} at step {low[0]}, then {last[1]:.3f} at step {last[0]}; "
+         + (f"early stopping stopped at step {o['steps']} and restored step {o['weights_of_step']}"
+            if o["status"] == "early_stopped" else f"no early stop in {o['steps']} steps")),
         ("(e) forgetting", "general-text perplexity: base → fine-tuned; base → LoRA instruction-tuned",
          f"{base['general_ppl']:.2f} → {ft['general_ppl']:.2f}; {base['general_ppl']:.2f} → {lora['general_ppl']:.2f}"),
         ("(f) cost of PEFT", "LoRA vs full instruction tuning: cost; exact match (inputs / phrasings)",

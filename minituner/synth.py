@@ -10,9 +10,9 @@ Three sets, each with the role it plays for a real model:
             seen an instruction or a chat turn.
   tasks     instructions with exactly checkable answers, in FAMILIES (reverse, upper-case,
             count, add, subtract, sort, first, last, repeat, opposite), each with training and
-            held-out phrasings. An input is held out by its key (the word, the pair of numbers,
-            the set of words, the pair of opposites), so no held-out input is ever an
-            instruction in training. Splits: train, validation (training keys, other items),
+            held-out phrasings. An input is held out by its key (the word, the word and count,
+            the pair of numbers, the list; for sort the set of words, for opposite the pair), so
+            no held-out input is ever an instruction in training. Splits: train, validation (training keys, other items),
             held-out inputs in the training phrasings, held-out inputs in held-out phrasings.
   domain    documents about a fictional island (people with made-up names, their villages,
             trades, foods and animals: facts no base model can know), each fact stated in

@@ -87,6 +87,11 @@ def test_builtin_run_keeps_the_users_evaluation_files_and_data_folder(tmp_path, 
     (taken / "data").mkdir(parents=True)
     assert train_instruct.main(["--out", str(taken), *QUICK]) == 2
     assert "already exists" in capsys.readouterr().err
+    # a mistake found after the data was written: the same --out works once it is corrected
+    retry = tmp_path / "retry"
+    assert train_instruct.main(["--out", str(retry), "--patience", "2", *QUICK]) == 2
+    assert (retry / "data" / "train.jsonl").is_file()
+    assert train_instruct.main(["--out", str(retry), *QUICK]) == 0
 
 
 def test_a_half_given_pair_is_still_an_error(tmp_path, capsys):
@@ -113,7 +118,9 @@ def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
 @pytest.mark.skipif(shutil.which("pip") is None and not (Path(sys.executable).parent / "pip").exists(),
                     reason="needs pip")
 def test_non_editable_install_ships_the_base_model_and_the_scripts(tmp_path):
-    pytest.importorskip("setuptools")
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.importorskip("wheel")  # older setuptools build wheels through the wheel package
     src = tmp_path / "src"
     shutil.copytree(ROOT / "minituner", src / "minituner", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "train_instruct.py", "train_finetune.py"):
