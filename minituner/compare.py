@@ -85,20 +85,20 @@ def train_all(root: Path, scale: float, log) -> dict[str, dict]:
     instruct, finetune = scaled(builtin.INSTRUCT_OPTIONS, scale), scaled(builtin.FINETUNE_OPTIONS, scale)
     runs = {"instruct-lora": run_script("train_instruct", root / "instruct-lora", flags(instruct), log)}
     data = root / "instruct-lora" / "data"
-    task_flags = ["--val-data", str(data / "validation.jsonl"),
-                  "--eval-exact", str(data / "heldout_inputs.jsonl"), "--eval-exact", str(data / "heldout_phrasings.jsonl")]
+    task_flags = ["--val-data", str(data / "validation.jsonl"), "--eval-exact", str(data / "heldout_inputs.jsonl"),
+                  "--eval-exact", str(data / "heldout_phrasings.jsonl")]
     runs["instruct-full"] = run_script("train_instruct", root / "instruct-full",
                                        flags({**instruct, "method": "full", "lr": INSTRUCT_FULL_LR}), log)
     runs["finetune"] = run_script("train_finetune", root / "finetune", flags(finetune), log)
     runs["finetune-instruct"] = run_script(
         "train_instruct", root / "finetune-instruct",
-        ["--base", str(root / "finetune" / "model"), "--data", str(data / "train.jsonl"), *task_flags, *flags(instruct)],
-        log)
+        ["--base", str(root / "finetune" / "model"), "--data", str(data / "train.jsonl"), *task_flags,
+         *flags(instruct)], log)
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines(True)
+    (root / "data").mkdir(parents=True, exist_ok=True)
     for n in SIZES:
         subset = root / "data" / f"train-{n}.jsonl"
-        subset.parent.mkdir(parents=True, exist_ok=True)
-        subset.write_text("".join((data / "train.jsonl").read_text(encoding="utf-8").splitlines(True)[:n]),
-                          encoding="utf-8")
+        subset.write_text("".join(lines[:n]), encoding="utf-8")
         runs[f"size-{n}"] = run_script("train_instruct", root / f"size-{n}",
                                        ["--base", str(builtin.BASE_MODEL), "--data", str(subset), *task_flags,
                                         *flags(instruct)], log)
@@ -121,24 +121,31 @@ def overfit_flags(root: Path, scale: float) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the evaluation suite
-def suite(model_dir, root: Path) -> dict:
-    """The same measures for any model folder: exact match on held-out inputs and phrasings (the
-    chatml template the tuned models were trained with), domain and general perplexity, cloze accuracy."""
+def suite_data(root: Path) -> dict:
+    """The evaluation suite's items, read once from the runs' data: the held-out task sets, the
+    cloze questions, the finetune run's validation documents and the general text."""
+    tasks, domain = root / "instruct-lora" / "data", root / "finetune" / "data"
+    docs = read_documents(domain / "domain.txt")[0]
+    held_out = {name: read_conversations(tasks / f"{name}.jsonl")[0]
+                for name in ("heldout_inputs", "heldout_phrasings")}
+    return {**held_out, "cloze": read_cloze(domain / "cloze.jsonl"),
+            "domain": split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=0)[1],
+            "general": read_documents(domain / "general_eval.txt")[0]}
+
+
+def suite(model_dir, data: dict) -> dict:
+    """The same measures for any model folder: exact match on held-out inputs and phrasings (in
+    the template the model's folder names: chatml for the base and all tuned here), cloze
+    accuracy, domain and general perplexity."""
     model, tokenizer = load_pretrained(model_dir, device="cpu", dtype=torch.float32)
     model.eval()
     template = default_template(tokenizer)
-    tasks = root / "instruct-lora" / "data"
-    out = {}
-    for name in ("heldout_inputs", "heldout_phrasings"):
-        convs = read_conversations(tasks / f"{name}.jsonl")[0]
-        out[name] = exact_match(model, tokenizer, template, convs,
-                                max_new_tokens=builtin.INSTRUCT_OPTIONS["max_new_tokens"])["accuracy"]
-    domain = root / "finetune" / "data"
-    out["cloze"] = cloze_accuracy(model, tokenizer, read_cloze(domain / "cloze.jsonl"))["accuracy"]
-    docs = read_documents(domain / "domain.txt")[0]
-    val_docs = split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=0)[1]
-    out["domain_ppl"] = perplexity(model, tokenizer, val_docs)
-    out["general_ppl"] = perplexity(model, tokenizer, read_documents(domain / "general_eval.txt")[0])
+    out = {name: exact_match(model, tokenizer, template, data[name],
+                             max_new_tokens=builtin.INSTRUCT_OPTIONS["max_new_tokens"])["accuracy"]
+           for name in ("heldout_inputs", "heldout_phrasings")}
+    out["cloze"] = cloze_accuracy(model, tokenizer, data["cloze"])["accuracy"]
+    out["domain_ppl"] = perplexity(model, tokenizer, data["domain"])
+    out["general_ppl"] = perplexity(model, tokenizer, data["general"])
     return out
 
 
@@ -176,7 +183,8 @@ def claims(scores: dict, runs: dict, curve: list[tuple[int, float]]) -> list[tup
          + (f"early stopping stopped at step {o['steps']} and restored step {o['weights_of_step']}"
             if o["status"] == "early_stopped" else f"no early stop in {o['steps']} steps")),
         ("(e) forgetting", "general-text perplexity: base → fine-tuned; base → LoRA instruction-tuned",
-         f"{base['general_ppl']:.2f} → {ft['general_ppl']:.2f}; {base['general_ppl']:.2f} → {lora['general_ppl']:.2f}"),
+         f"{base['general_ppl']:.2f} → {ft['general_ppl']:.2f}; "
+         f"{base['general_ppl']:.2f} → {lora['general_ppl']:.2f}"),
         ("(f) cost of PEFT", "LoRA vs full instruction tuning: cost; exact match (inputs / phrasings)",
          f"LoRA {cost(runs['instruct-lora'])}, {pct(lora['heldout_inputs'])} / {pct(lora['heldout_phrasings'])}; "
          f"full {cost(runs['instruct-full'])}, {pct(full['heldout_inputs'])} / {pct(full['heldout_phrasings'])}"),
@@ -211,10 +219,14 @@ def markdown(rows, scores: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, validation loss) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    return [(r["step"], r["eval_loss"]) for r in metrics(run_dir) if "eval_loss" in r]
 
 
 def plot(root: Path, runs: dict) -> Path | None:
@@ -227,13 +239,11 @@ def plot(root: Path, runs: dict) -> Path | None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in ("instruct-lora", "instruct-full", "finetune", "finetune-instruct"):
-        records = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-        steps = [r for r in records if "loss" in r]
+        steps = [r for r in metrics(root / name) if "loss" in r]
         left.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=name)
     left.set(title="training loss", xlabel="step", ylabel="loss", yscale="log")
     left.legend()
-    records = [json.loads(x) for x in (root / "overfit" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = [r for r in metrics(root / "overfit") if "loss" in r]
     right.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     curve = eval_curve(root / "overfit")
     right.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label="validation")
@@ -260,9 +270,10 @@ def main(argv=None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         runs = train_all(root, args.scale, print)
-        scores = {"base": suite(builtin.BASE_MODEL, root)}
+        data = suite_data(root)
+        scores = {"base": suite(builtin.BASE_MODEL, data)}
         for name in ("instruct-lora", "instruct-full", "finetune", "finetune-instruct"):
-            scores[name] = suite(root / name / "model", root)
+            scores[name] = suite(root / name / "model", data)
         command = "python -m minituner.compare" + (f" --scale {args.scale}" if args.scale != 1.0 else "")
         text = markdown(claims(scores, runs, eval_curve(root / "overfit")), scores, command)
     except UserError as e:
