@@ -31,7 +31,7 @@ from minituner.batching import pad_collate
 from minituner.checkpoint import load_pretrained
 from minituner.cli import (add_method_flags, add_training_flags, check_max_len, lora_options, print_outcome,
                            print_table, read_with_validation, real_token_share, resolve_resume, run_config, run_main,
-                           settle, train_options)
+                           settle, start_run_folder, train_options)
 from minituner.config import SIZE_PRESETS, preset_config
 from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
 from minituner.distributed import all_gather_object, init_runtime, shutdown
@@ -113,11 +113,14 @@ def run(argv=None) -> int:
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
     args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
-    if args.builtin and args.resume is None:
-        builtin_data(args, runtime, say)
+    if args.builtin:
+        args.base = str(builtin.check_base_model())
     settle(args, runtime.device, default_lr=SCRATCH_LR if args.init == "scratch" else None)
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
+    start_run_folder(args, runtime, SCRIPT)  # every check above has passed: the folder becomes this run's
+    if args.builtin and args.resume is None:
+        builtin_data(args, runtime, say)
 
     # Documents, split by document so that no held-out text is ever trained on
     read = partial(read_documents, text_field=args.text_field, skip_bad=args.skip_bad)
@@ -127,7 +130,7 @@ def run(argv=None) -> int:
         load_dtype = POLICIES[args.precision] if lora else torch.float32  # a frozen base trains in the compute dtype
         model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
         max_len = args.max_len or min(1024, model.config.max_seq_len)
-        check_max_len(max_len, model.config, say, args.max_new_tokens)
+        check_max_len(max_len, model.config, say, args.max_new_tokens if args.samples or args.cloze else 0)
     else:
         max_len = args.max_len or 256
         tokenizer = scratch_tokenizer(args, train_docs, max_len, runtime)
@@ -198,7 +201,6 @@ def builtin_data(args, runtime, say) -> None:
     """The built-in experiment's inputs: the shipped base, and the domain corpus, its cloze
     questions and held-out general text written into RUN/data/ (a --cloze or --general-eval
     given is used instead)."""
-    args.base = str(builtin.check_base_model())
     paths = builtin.prepare(args.out, builtin.finetune_data, seed=args.seed, runtime=runtime)
     args.data = str(paths["domain"])
     args.cloze, args.general_eval = args.cloze or str(paths["cloze"]), args.general_eval or str(paths["general"])
@@ -245,7 +247,9 @@ def scratch_model(args, tokenizer: Tokenizer, max_len: int) -> Transformer:
 
 def freeze(model, *, embeddings: bool, layers: int) -> None:
     """Stop gradients to the embeddings and/or the first `layers` blocks (before LoRA is applied)."""
-    if layers < 0 or layers > model.config.n_layers:
+    if layers < 0:
+        raise UserError(f"--freeze-layers {layers}: must be >= 0 (the number of first blocks to freeze)")
+    if layers > model.config.n_layers:
         raise UserError(f"--freeze-layers {layers}: the model has {model.config.n_layers} blocks")
     frozen = [f"layers.{i}." for i in range(layers)] + (["embed_tokens.", "embed_positions."] if embeddings else [])
     for name, p in model.named_parameters():

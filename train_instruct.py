@@ -27,7 +27,7 @@ from minituner.batching import pack, pad_collate
 from minituner.checkpoint import load_pretrained
 from minituner.cli import (add_method_flags, add_training_flags, check_max_len, lora_options, print_outcome,
                            print_table, read_with_validation, real_token_share, resolve_resume, run_config, run_main,
-                           settle, train_options)
+                           settle, start_run_folder, train_options)
 from minituner.datafile import split_validation
 from minituner.distributed import all_gather_object, init_runtime, shutdown
 from minituner.export import export_run
@@ -83,11 +83,14 @@ def run(argv=None) -> int:
     runtime = init_runtime(args.device)
     say = print if runtime.is_main else (lambda *a, **k: None)
     args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
-    if args.builtin and args.resume is None:
-        builtin_data(args, runtime, say)
+    if args.builtin:
+        args.base = str(builtin.check_base_model())
     settle(args, runtime.device)
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
+    start_run_folder(args, runtime, SCRIPT)  # every check above has passed: the folder becomes this run's
+    if args.builtin and args.resume is None:
+        builtin_data(args, runtime, say)
 
     # Model: a LoRA base is frozen, so it can live in the compute dtype from the start; full
     # fine-tuning needs the float32 weights, of which the trainer makes its masters.
@@ -96,7 +99,7 @@ def run(argv=None) -> int:
     template = default_template(tokenizer) if args.template == "auto" else args.template
     check_template(template, tokenizer)
     max_len = args.max_len or min(2048, model.config.max_seq_len)
-    check_max_len(max_len, model.config, say, args.max_new_tokens)
+    check_max_len(max_len, model.config, say, args.max_new_tokens if args.samples or args.eval_exact else 0)
     if lora:  # the adapters, before the data, so that a wrong --lora-targets is said at once
         torch.manual_seed(args.seed)  # their initialisation follows --seed
         apply_lora(model, **lora)
@@ -174,7 +177,6 @@ def builtin_data(args, runtime, say) -> None:
     """The built-in experiment's inputs: the shipped base, and the task splits written into
     RUN/data/ (validation for the loss; the held-out sets scored by exact match, before any
     --eval-exact of the user's)."""
-    args.base = str(builtin.check_base_model())
     paths = builtin.prepare(args.out, builtin.instruct_data, seed=args.seed, runtime=runtime)
     args.data, args.val_data = str(paths["train"]), args.val_data or str(paths["validation"])
     args.eval_exact = [str(paths["heldout_inputs"]), str(paths["heldout_phrasings"]), *args.eval_exact]

@@ -18,7 +18,7 @@ from pathlib import Path
 from minituner import synth
 from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError
-from minituner.state import check_new_run
+from minituner.state import BUILTIN_DATA_MARKER
 
 BASE_MODEL = Path(__file__).parent / "base_model"
 GENERAL_EVAL_SEED = 1000
@@ -38,23 +38,20 @@ def check_base_model() -> Path:
     return BASE_MODEL
 
 
-MARKER = ".minituner-builtin"  # in RUN/data/: these files are the built-in experiment's, not the user's
-
-
 def prepare(run_dir, make, *, seed: int, runtime: Runtime) -> dict[str, Path]:
     """The data files of a new built-in run, made by `make` (instruct_data or finetune_data) in
-    RUN/data/ on rank 0; every rank gets their paths. An existing RUN/data/ is only replaced if
-    an earlier attempt that never trained wrote it (its marker file says so): otherwise it could
-    hold the user's own files."""
-    folder = Path(run_dir) / "data"
-    check_new_run(run_dir)
-    if folder.exists() and not (folder / MARKER).is_file():
+    RUN/data/ on rank 0; every rank gets their (absolute) paths. The run folder is this run's
+    already (a dead attempt's data/ was cleared with it); a data/ folder there now is not the
+    run's, and is never overwritten."""
+    folder = Path(run_dir).resolve() / "data"
+    if folder.exists():
         raise UserError(f"{folder} already exists; the built-in experiment writes its data there: "
                         "choose a new --out")
     all_gather_object(None, runtime)  # every rank has checked before rank 0 writes
+    if runtime.is_main:  # the marker first: a run killed while writing leaves data/ known as its own
+        folder.mkdir()
+        (folder / BUILTIN_DATA_MARKER).write_text("written by minituner's built-in experiment\n", encoding="utf-8")
     paths = make(folder, seed=seed, write=runtime.is_main)
-    if runtime.is_main:
-        (folder / MARKER).write_text("written by minituner's built-in experiment\n", encoding="utf-8")
     all_gather_object(None, runtime)  # the other ranks wait until the files are written
     return paths
 

@@ -125,6 +125,11 @@ def read_config(folder: Path) -> ModelConfig:
     hf = read_json(file)
     if hf is None:
         raise UserError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
+    if "model_type" not in hf and "script" in hf:  # the options of a minituner run, not a model's config
+        model = folder / "model"
+        found = (f"its trained model is {model}" if (model / "config.json").is_file()
+                 else "it has no model/ yet: the run has not finished (--resume it)")
+        raise UserError(f"{folder}: is a minituner run folder, not a model folder; {found}")
     return from_hf_config(hf, source=str(file))
 
 

@@ -7,6 +7,7 @@ only holds what would otherwise be written twice.
 """
 
 import argparse
+import errno
 import math
 import sys
 import time
@@ -15,10 +16,12 @@ from pathlib import Path
 import torch
 
 from minituner.batching import real_token_fraction
+from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError
 from minituner.lora import DEFAULT_TARGETS
 from minituner.precision import POLICIES
-from minituner.state import check_new_run, latest_checkpoint, read_run_config
+from minituner.state import (EXPORTS, adopt_legacy_run, begin_run, check_export_target, check_new_run,
+                             check_outside_runs, latest_checkpoint, read_run_config)
 from minituner.trainer import TrainOptions, micro_batches, step_examples
 
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
@@ -130,10 +133,46 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float | N
             setattr(args, flag, resolved if isinstance(value, list) else resolved[0])
     if args.val_data and args.val_data == args.data:
         raise UserError("--val-data is the --data file itself: validation must be held out")
+    check_apart(args)  # before any work: inputs are never inside the folder the run writes
     if args.resume is None:
-        check_new_run(args.out)  # before any work: refuse a folder holding a run
+        check_outside_runs(args.out)
+        check_new_run(args.out)  # a new or empty folder, never one holding anything of the user's or a run
     else:
         latest_checkpoint(args.out)  # before any work: a run with nothing to resume from
+
+
+def check_apart(args: argparse.Namespace) -> None:
+    """--out is neither an input path, nor inside one, nor around one: a run replaces files in its
+    folder, and a corpus folder holding the run would read the run's own files as text. The
+    built-in experiment's data, which it generates into RUN/data/, is the run's own."""
+    out = Path(args.out).resolve()
+    own = out / "data" if args.builtin else None
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            p = Path(path).resolve()
+            if own is not None and (p == own or own in p.parents):
+                continue
+            relation = ("is" if p == out else "contains" if out in p.parents else
+                        "lies inside" if p in out.parents else None)
+            if relation:
+                raise UserError(f"--out {args.out} {relation} --{flag.replace('_', '-')} {path}: the run folder "
+                                "must be apart from the inputs; choose another --out")
+
+
+def start_run_folder(args: argparse.Namespace, runtime: Runtime, script: str) -> None:
+    """Make the run folder this run's before anything is written into it (rank 0; the others
+    wait): a new run marks it (see state.py); a resumed one must find its exports its own, and
+    a run folder from before the marker gets one."""
+    if runtime.is_main:
+        if args.resume is None:
+            begin_run(args.out, script=script)
+        else:
+            adopt_legacy_run(args.out, script=script)
+    all_gather_object(None, runtime)  # a barrier: every rank sees the marked folder
+    if args.resume is not None:
+        for name in EXPORTS:  # before training, not after it
+            check_export_target(args.out, name)
 
 
 def read_with_validation(read, split, args: argparse.Namespace, say, unit: str) -> tuple[list, list]:
@@ -157,8 +196,9 @@ def read_with_validation(read, split, args: argparse.Namespace, say, unit: str) 
 def check_max_len(max_len: int, config, say, max_new_tokens: int = 0) -> None:
     """A row longer than the model's context: impossible with learned positions (GPT-2), and
     with rotary positions a stretch beyond what the model was trained on (said, not refused).
-    Samples are prompts of fewer than max_len tokens plus max_new_tokens."""
-    if config.positions == "learned" and max_new_tokens >= min(max_len, config.max_seq_len):
+    Generations (samples, scoring) are prompts of fewer than max_len tokens plus max_new_tokens;
+    pass 0 when nothing will be generated."""
+    if config.positions == "learned" and max_new_tokens and max_new_tokens >= min(max_len, config.max_seq_len):
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                         f"{min(max_len, config.max_seq_len)} positions")
     if max_len <= config.max_seq_len:
@@ -199,6 +239,11 @@ def run_main(run, argv=None) -> int:
     except KeyboardInterrupt:  # before or after the training loop, which handles Ctrl-C itself
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk while writing a log line or a sample: the checkpoints are intact
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({e.filename or e}); free some space, then --resume", file=sys.stderr)
+        return 1
 
 
 def resolve_precision(name: str, device) -> str:

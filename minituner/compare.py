@@ -34,7 +34,7 @@ from minituner.distributed import Runtime
 from minituner.errors import UserError
 from minituner.formats import read_conversations
 from minituner.scoring import cloze_accuracy, exact_match, read_cloze
-from minituner.state import check_new_run, read_json
+from minituner.state import check_outside_runs, read_json
 from minituner.templates import default_template
 from minituner.trainer import evaluate
 
@@ -264,7 +264,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = Path(args.out)
     try:
-        check_new_run(root)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise UserError(f"--out {root}: not a new or empty folder; the comparison writes its runs there")
+        check_outside_runs(root)
         if args.scale <= 0:
             raise UserError(f"--scale {args.scale} must be > 0")
         root.mkdir(parents=True, exist_ok=True)

@@ -133,10 +133,15 @@ def _normalize_rope_scaling(scaling: dict, max_seq_len: int) -> dict | None:
 
 # ----------------------------------------------------------------------------- HF config.json
 _LLAMA_DEFAULTS = {  # the transformers config classes' defaults, for keys a config.json leaves out
-    "llama": dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048, sliding_window=None),
-    "mistral": dict(vocab_size=32000, intermediate_size=14336, max_position_embeddings=131072, sliding_window=4096),
-    "qwen2": dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768, sliding_window=4096),
+    "llama": dict(max_position_embeddings=2048, sliding_window=None),
+    "mistral": dict(max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, sliding_window=4096),
 }
+# Keys that fix the shapes of the weights. transformers fills them with one particular model's
+# sizes when absent (Llama 2 7B's hidden_size 4096, ...), which would only fail later as a
+# tensor of the wrong shape; here a config.json must name them.
+_REQUIRED = {"llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+             "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head")}
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 # Keys we read or rewrite on save. Any other key (token ids, dropout rates, ...) is kept in
 # ModelConfig.extra and written back unchanged.
@@ -158,6 +163,11 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         raise UserError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if hf.get("quantization_config"):
         raise UserError(f"{source}: quantized checkpoints (quantization_config) are not supported; use the unquantized weights")
+    missing = [key for key in _REQUIRED["gpt2" if model_type == "gpt2" else "llama"] if hf.get(key) is None]
+    if missing:
+        raise UserError(f"{source}: required key {missing[0]!r} is missing"
+                        + (f" (and {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
+                        + f"; a {model_type} config.json gives the model's shape")
     reader = _Fields(hf, source)
     try:
         fields = _gpt2_fields(reader) if model_type == "gpt2" else _llama_fields(reader, model_type)
@@ -189,16 +199,15 @@ def _llama_fields(f: _Fields, model_type: str) -> dict:
     act = f.get("hidden_act", "silu", str)
     if act not in ("silu", "swish"):
         raise UserError(f"{f.source}: hidden_act {act!r} is not supported for {model_type} (only 'silu')")
-    dim, n_heads = f.get("hidden_size", 4096), f.get("num_attention_heads", 32)
+    dim, n_heads = f.get("hidden_size", None), f.get("num_attention_heads", None)
     max_len = f.get("max_position_embeddings", defaults["max_position_embeddings"])
     theta, scaling = _hf_rope(f, max_len)
     bias = f.get("attention_bias", False, bool) if model_type == "llama" else model_type == "qwen2"
     window, window_from = _hf_sliding_window(f, model_type, defaults["sliding_window"])
     return dict(
-        vocab_size=f.get("vocab_size", defaults["vocab_size"]), dim=dim,
-        n_layers=f.get("num_hidden_layers", 32), n_heads=n_heads,
+        vocab_size=f.get("vocab_size", None), dim=dim, n_layers=f.get("num_hidden_layers", None), n_heads=n_heads,
         n_kv_heads=f.get("num_key_value_heads", 8 if model_type == "mistral" else None, nullable=True),
-        head_dim=f.get("head_dim", None), ffn_dim=f.get("intermediate_size", defaults["intermediate_size"]),
+        head_dim=f.get("head_dim", None), ffn_dim=f.get("intermediate_size", None),
         norm="rmsnorm", norm_eps=f.get("rms_norm_eps", 1e-6, float), mlp="swiglu", positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=bias, out_bias=bias and model_type == "llama",
         mlp_bias=f.get("mlp_bias", False, bool) if model_type == "llama" else False,
@@ -244,9 +253,9 @@ def _gpt2_fields(f: _Fields) -> dict:
         raise UserError(f"{f.source}: only the standard 1/sqrt(head_dim) attention scaling is supported")
     if f.get("add_cross_attention", False, bool):
         raise UserError(f"{f.source}: cross-attention (add_cross_attention) is not supported")
-    dim = f.get("n_embd", 768)
+    dim = f.get("n_embd", None)
     return dict(
-        vocab_size=f.get("vocab_size", 50257), dim=dim, n_layers=f.get("n_layer", 12), n_heads=f.get("n_head", 12),
+        vocab_size=f.get("vocab_size", None), dim=dim, n_layers=f.get("n_layer", None), n_heads=f.get("n_head", None),
         ffn_dim=f.get("n_inner", None) or 4 * dim, norm="layernorm", norm_eps=f.get("layer_norm_epsilon", 1e-5, float),
         mlp=_GPT2_ACTIVATIONS[act], positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
         tie_embeddings=f.get("tie_word_embeddings", True, bool), max_seq_len=f.get("n_positions", 1024),

@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from minituner.datafile import json_records, note_skip, read_text, type_name
+from minituner.datafile import check_not_compressed, json_records, note_skip, read_text, type_name
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
 
@@ -87,9 +87,13 @@ def _read_folder(folder: Path, skip_bad: bool, report: dict) -> list[str]:
 
 def _read_file(path: Path, text_field: str, skip_bad: bool, report: dict) -> list[str]:
     suffix = path.suffix.lower()
+    expected = "a .txt, .md, .jsonl or .json file, or a folder of .txt/.md files"
     if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES:
-        raise UserError(f"{path}: expected a .txt, .md, .jsonl or .json file, or a folder of .txt/.md files")
-    text = read_text(path)
+        if path.is_file():
+            with open(path, "rb") as f:
+                check_not_compressed(path, f.read(16), expected)
+        raise UserError(f"{path}: expected {expected}")
+    text = read_text(path, expected)
     report["files"] = 1
     if suffix in TEXT_SUFFIXES:
         return paragraphs(text)

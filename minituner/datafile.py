@@ -6,18 +6,27 @@ data reader (formats.py) and the text-corpus reader (corpus.py), with the valida
 
 import json
 import random
+import re
 from pathlib import Path
 
 from minituner.errors import UserError
 
 MAX_REASONS = 3  # how many skipped records a report quotes
+# How compressed files begin (their magic numbers), so that one is not reported as text that is
+# not UTF-8: (kind, the command that decompresses it).
+COMPRESSED = {rb"\x1f\x8b": ("gzip", "gunzip"), rb"PK\x03\x04": ("zip", "unzip"), rb"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+              rb"BZh[1-9]1AY&SY": ("bzip2", "bunzip2"), rb"\xfd7zXZ\x00": ("xz", "unxz")}
 
 
-def read_text(path: Path) -> str:
-    """The file's text with "\\n" line endings; a UserError if it is missing, not UTF-8 or empty."""
+def read_text(path: Path, expected: str = "a UTF-8 text file") -> str:
+    """The file's text with "\\n" line endings; a UserError if it is missing, a folder,
+    compressed, not UTF-8 or empty. `expected` says what the file should be, for the errors."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected {expected}")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     raw = path.read_bytes()
+    check_not_compressed(path, raw[:16], expected)
     try:
         text = raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is not text
     except UnicodeDecodeError as e:
@@ -27,6 +36,14 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise UserError(f"{path}: empty file")
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def check_not_compressed(path: Path, head: bytes, expected: str) -> None:
+    """A UserError naming the compression if the file beginning with `head` is compressed."""
+    for magic, (kind, tool) in COMPRESSED.items():
+        if re.match(magic, head):
+            raise UserError(f"{path}: is a {kind}-compressed file; decompress it first (e.g. {tool} {path.name}); "
+                            f"expected {expected}")
 
 
 def json_records(path: Path, text: str) -> list[tuple[str, object]]:

@@ -6,8 +6,11 @@ the loop trained: that one is in the compute dtype (bf16 would round every weigh
 weights are not in a checkpoint, so they come from `model`, which the caller builds afresh in
 float32 the way the run built it before training (the base folder, or a from-scratch init).
 A LoRA model is saved twice: the adapter alone, and merged into the base as an ordinary model.
+RUN/model/ and RUN/adapter/ are replaced only when they are this run's own earlier export (a
+resumed run that had finished exports again); run.json records each export as it is written.
 """
 
+import errno
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from minituner.checkpoint import save_adapter, save_pretrained
 from minituner.errors import UserError
 from minituner.lora import merge_and_unload
 from minituner.model import Transformer
-from minituner.state import final_checkpoint, load_checkpoint
+from minituner.state import check_export_target, final_checkpoint, load_checkpoint, record_export
 from minituner.tokenizer import Tokenizer
 
 
@@ -25,6 +28,8 @@ def export_run(run_dir, summary: dict, model: Transformer, tokenizer: Tokenizer,
     """Load the run's final trained weights into `model` (float32, on the CPU, LoRA applied as
     in training) and write RUN/model/ (and RUN/adapter/). Returns the folders written."""
     run_dir = Path(run_dir)
+    for name in ("adapter", "model") if lora else ("model",):
+        check_export_target(run_dir, name)
     path = final_checkpoint(run_dir, summary)
     weights = load_checkpoint(path)["weights"]
     params = dict(model.named_parameters())
@@ -36,10 +41,17 @@ def export_run(run_dir, summary: dict, model: Transformer, tokenizer: Tokenizer,
         for name, t in weights.items():
             params[name].copy_(t)
     written = []
-    if lora:
-        save_adapter(model, run_dir / "adapter", base_model=base_name)
-        written.append(run_dir / "adapter")
-        model = merge_and_unload(model)
-    save_pretrained(model, tokenizer, run_dir / "model")
+    try:
+        if lora:
+            save_adapter(model, run_dir / "adapter", base_model=base_name)
+            record_export(run_dir, "adapter")
+            written.append(run_dir / "adapter")
+            model = merge_and_unload(model)
+        save_pretrained(model, tokenizer, run_dir / "model")
+        record_export(run_dir, "model")
+    except OSError as e:  # a full disk: the checkpoint the export is made from is intact
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise UserError(f"could not export into {run_dir} ({reason}); the run's checkpoint {path} is intact: "
+                        f"free some space, then --resume {run_dir} to export again") from None
     written.append(run_dir / "model")
     return written

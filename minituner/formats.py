@@ -72,7 +72,7 @@ def read_conversations(path, format: str = "auto", skip_bad: bool = False) -> tu
     if format != "auto" and format not in FORMATS:
         raise UserError(f'data format "{format}" is not one of auto, {", ".join(FORMATS)}')
     path = Path(path)
-    records = json_records(path, read_text(path))
+    records = json_records(path, read_text(path, "a JSON or JSONL file of Alpaca, messages or ShareGPT records"))
     fmt = format if format != "auto" else _detect(records, skip_bad)
     report = _new_report(path, fmt, len(records))
     conversations = []

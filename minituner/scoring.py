@@ -59,7 +59,7 @@ def _score(hits: list[bool], replies: list[str]) -> dict:
 def read_cloze(path) -> list[dict]:
     """Cloze items of a JSON or JSONL file of {"prompt", "answer"} records (errors name the line)."""
     path, items = Path(path), []
-    for where, record in json_records(path, read_text(path)):
+    for where, record in json_records(path, read_text(path, 'a JSONL file of {"prompt", "answer"} records')):
         if isinstance(record, UserError):
             raise UserError(f"{where}: {record}")
         for field in ("prompt", "answer"):

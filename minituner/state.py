@@ -1,5 +1,8 @@
 """The run folder, and the training checkpoints that let an interrupted run resume exactly.
 
+    RUN/run.json                     the marker, written before anything else: this folder is a
+                                     minituner run's (script, run id, start time), and which
+                                     exports it wrote (see below)
     RUN/config.json                  the run's options, written by the script that started it
     RUN/metrics.jsonl                one JSON object per logged step and per evaluation
     RUN/summary.json                 the outcome, written when the run ends
@@ -14,6 +17,14 @@
     RUN/adapter/                     as a Hugging Face folder, a LoRA run's PEFT adapter, and
     RUN/samples.json                 generations before and after training
     RUN/tokenizer/                   a from-scratch run's tokenizer, trained before its first step
+    RUN/data/                        the built-in experiment's generated data
+
+Write only what you own. A new run starts in a folder that does not exist or is empty, and
+writes run.json into it first; every later check reads that marker, never the mere names of
+files (a user's folder may well hold a config.json). A folder with the marker but no checkpoint
+and no result is a run that died before its first checkpoint: its files are cleared and it
+starts over. model/ and adapter/ are replaced only when they are this run's own earlier export,
+which run.json records by the names, sizes and modification times of their files.
 
 Frozen weights are not stored: they are the base model's, which the run config names.
 Every file is written into a temporary folder that is renamed into place only when complete
@@ -22,23 +33,31 @@ run killed at any moment leaves each checkpoint whole or absent. All ranks read 
 on resume, so a multi-node run needs it on a filesystem every node shares.
 """
 
+import errno
 import json
 import math
 import os
 import random
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from minituner import __version__
 from minituner.errors import UserError, read_json
 
+MARKER = "run.json"
 CHECKPOINTS = "checkpoints"
-# Everything a run folder may hold; a new run refuses a folder holding anything else.
-RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, "model", "adapter", "samples.json",
-             "tokenizer", "data"}  # data: the built-in experiment's generated data (never overwritten)
+EXPORTS = ("model", "adapter")
+RESULTS = ("summary.json", "samples.json", *EXPORTS)  # a run holding any of these has finished
+# What a run that died before its first checkpoint may have left, cleared when it starts over
+# (data/ only when its own marker says the built-in experiment wrote it).
+DEAD_RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINTS, "tokenizer", "data")
+BUILTIN_DATA_MARKER = ".minituner-builtin"  # in RUN/data/: written by the built-in experiment
 
 
 def json_safe(value):
@@ -67,34 +86,135 @@ def write_json(path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- the marker
+def read_marker(run_dir) -> dict | None:
+    """RUN/run.json if `run_dir` carries minituner's marker, else None (a user's own run.json,
+    or one that is not JSON, is not a marker)."""
+    try:
+        marker = read_json(Path(run_dir) / MARKER)
+    except UserError:
+        return None
+    return marker if marker is not None and marker.get("minituner_run") == 1 else None
+
+
+def is_legacy_run(run_dir) -> bool:
+    """A run folder written before the marker existed: it has a complete training checkpoint."""
+    return read_marker(run_dir) is None and bool(list_checkpoints(run_dir))
+
+
+def write_marker(run_dir, marker: dict) -> None:
+    write_json(Path(run_dir) / MARKER, marker)
+
+
+def new_marker(script: str) -> dict:
+    return {"minituner_run": 1, "script": script, "run_id": uuid.uuid4().hex,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minituner_version": __version__, "exports": {}}
+
+
+def _entries(folder: Path, n: int = 3) -> str:
+    """A few entries of `folder` by name, for an error message."""
+    names = sorted(p.name for p in folder.iterdir())
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+# ----------------------------------------------------------------------------- starting and resuming
 def read_run_config(run_dir) -> dict:
     """The options saved in RUN/config.json, for `--resume RUN`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--resume {run_dir}: no such folder")
     config = read_json(run_dir / "config.json")
-    if config is None:
-        raise UserError(f"--resume {run_dir}: not a run folder (it has no config.json)")
+    if config is None or (read_marker(run_dir) is None and not is_legacy_run(run_dir)):
+        raise UserError(f"--resume {run_dir}: not a run folder (it has no {MARKER} and no config.json "
+                        "with checkpoints)")
     return config
 
 
 def check_new_run(run_dir) -> None:
-    """A UserError unless a new run may start in `run_dir`: it must not be a file, hold a run that
-    could be resumed (never overwritten), or hold anything that is not a run's (the user's files)."""
+    """A UserError unless a new run may start in `run_dir`: a folder that does not exist, an empty
+    one, or one whose marker shows a run that died before its first checkpoint. A folder holding
+    a run that can be resumed or has finished is never overwritten, nor one without the marker."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file, not a folder")
+        raise UserError(f"run folder {run_dir} is a file, not a folder")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
     if list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                         "or choose another --out")
-    others = []
-    if run_dir.is_dir():
-        others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
-    if others:
-        raise UserError(f"--out {run_dir} holds files that are not a run's ({', '.join(others[:3])}); "
+    if read_marker(run_dir) is None:
+        raise UserError(f"{run_dir} is not empty and is not a minituner run folder (it holds {_entries(run_dir)}); "
                         "choose a new or empty folder")
+    results = [name for name in RESULTS if (run_dir / name).exists()]
+    if results:
+        raise UserError(f"{run_dir} holds a finished run's results ({', '.join(results)}); choose another --out")
 
 
+def check_outside_runs(run_dir) -> None:
+    """A UserError if `run_dir` lies inside another run's folder (whose files are that run's)."""
+    for parent in Path(run_dir).resolve().parents:
+        if read_marker(parent) is not None or is_legacy_run(parent):
+            raise UserError(f"{run_dir} lies inside the run folder {parent} of another run; "
+                            "choose a folder outside it")
+
+
+def begin_run(run_dir, *, script: str) -> None:
+    """Make `run_dir` this new run's own (call check_new_run first): clear what a dead run left,
+    create the folder and write the marker, before anything else is written into it."""
+    run_dir = Path(run_dir)
+    if read_marker(run_dir) is not None:  # a run that died before its first checkpoint
+        for name in DEAD_RUN_FILES:
+            path = run_dir / name
+            if name == "data" and not (path / BUILTIN_DATA_MARKER).is_file():
+                continue  # not the built-in experiment's: leave it (the built-in run refuses it)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, new_marker(script))
+
+
+def adopt_legacy_run(run_dir, *, script: str) -> None:
+    """Give a run folder from before the marker its marker, on resume: its exports (if any) are
+    recorded as its own, since only that run could have written them there."""
+    run_dir = Path(run_dir)
+    if read_marker(run_dir) is not None:
+        return
+    marker = {**new_marker(script), "adopted": True}
+    marker["exports"] = {name: folder_fingerprint(run_dir / name) for name in EXPORTS if (run_dir / name).is_dir()}
+    write_marker(run_dir, marker)
+
+
+# ----------------------------------------------------------------------------- exports it owns
+def folder_fingerprint(folder: Path) -> dict:
+    """{file name: [size, modification time in ns]} of a folder's files: what the run wrote there."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(folder).iterdir())}
+
+
+def check_export_target(run_dir, name: str) -> Path:
+    """RUN/<name>, which an export may replace only if it is absent or is this run's own earlier
+    export, unchanged (a UserError otherwise, naming what is there)."""
+    path = Path(run_dir) / name
+    if not path.exists() and not path.is_symlink():
+        return path
+    recorded = ((read_marker(run_dir) or {}).get("exports") or {}).get(name)
+    if path.is_symlink() or not path.is_dir() or recorded != folder_fingerprint(path):
+        raise UserError(f"{path} exists and was not written by this run's export (it holds "
+                        f"{_entries(path) if path.is_dir() else 'a file'}); move it away, then --resume")
+    return path
+
+
+def record_export(run_dir, name: str) -> None:
+    """Note in the marker that RUN/<name> is this run's export, as it is now."""
+    marker = read_marker(run_dir)
+    assert marker is not None, f"{run_dir} has no {MARKER}"
+    marker.setdefault("exports", {})[name] = folder_fingerprint(Path(run_dir) / name)
+    write_marker(run_dir, marker)
+
+
+# ----------------------------------------------------------------------------- checkpoints
 def checkpoint_path(run_dir, step: int, kind: str = "step") -> Path:
     """RUN/checkpoints/step-NNNNNN (periodic) or best-NNNNNN (best evaluation)."""
     return Path(run_dir) / CHECKPOINTS / f"{kind}-{step:06d}"
@@ -111,6 +231,7 @@ def list_checkpoints(run_dir, kind: str = "step") -> list[Path]:
 
 
 def latest_checkpoint(run_dir) -> Path:
+    """The newest complete step checkpoint of `run_dir` (a UserError if it has none)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--resume {run_dir}: no such folder")
@@ -119,6 +240,29 @@ def latest_checkpoint(run_dir) -> Path:
         raise UserError(f"--resume {run_dir}: the run has no checkpoint to resume from "
                         f"(none in {run_dir / CHECKPOINTS}); start it over without --resume")
     return found[-1]
+
+
+def load_latest_readable(run_dir) -> tuple[Path, dict, list[tuple[Path, str]]]:
+    """The newest step checkpoint that can be read, loaded; and (path, reason) for each newer one
+    that could not be (a disk fault after it was written)."""
+    latest_checkpoint(run_dir)  # there is one
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path), skipped
+        except UserError as e:
+            skipped.append((path, str(e)))
+    reasons = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
+    raise UserError(f"--resume {run_dir}: no checkpoint in {Path(run_dir) / CHECKPOINTS} can be read ({reasons})")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to unreadable-<name>, kept for a look but no longer one
+    the run resumes from, counts or prunes (the run writes that step again when it gets there)."""
+    aside = path.with_name(f"unreadable-{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)  # set aside by an earlier resume, and written again since
+    os.replace(path, aside)
+    return aside
 
 
 def final_checkpoint(run_dir, summary: dict) -> Path:
@@ -131,27 +275,41 @@ def final_checkpoint(run_dir, summary: dict) -> Path:
 
 def save_checkpoint(path: Path, *, weights: dict[str, torch.Tensor], state: dict, optimizer: dict | None = None,
                     rng: list | None = None) -> None:
-    """Write a checkpoint folder atomically (a folder of the same name is replaced)."""
+    """Write a checkpoint folder atomically (a folder of the same name is replaced). A write that
+    fails (a full disk) leaves what was there before and raises the OSError."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    tmp.mkdir(parents=True)
-    save_file({name: t.detach().contiguous() for name, t in weights.items()}, tmp / "trainable.safetensors",
-              metadata={"format": "pt"})
-    if optimizer is not None:
-        torch.save(optimizer, tmp / "optimizer.pt")
-    if rng is not None:
-        torch.save(rng, tmp / "rng.pt")
-    write_json(tmp / "state.json", state)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        save_file({name: t.detach().contiguous() for name, t in weights.items()}, tmp / "trainable.safetensors",
+                  metadata={"format": "pt"})
+        if optimizer is not None:
+            torch.save(optimizer, tmp / "optimizer.pt")
+        if rng is not None:
+            torch.save(rng, tmp / "rng.pt")
+        write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took, and no half checkpoint
+        raise
     old = path.with_name(f".old-{path.name}")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_failure(e: OSError, what: Path, run_dir) -> UserError:
+    """The one line for a checkpoint that could not be written, naming the last good one."""
+    good = [p for p in list_checkpoints(run_dir) if p != Path(what)]
+    kept = f"the last good checkpoint, {good[-1]}, is intact" if good else "no checkpoint was written before it"
+    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    return UserError(f"could not write {what} ({reason}); training stopped and {kept}. "
+                     "Free some space, then --resume")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -171,9 +329,9 @@ def load_checkpoint(path: Path) -> dict:
     return {"weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
 
 
-def prune_checkpoints(run_dir, keep: int, kind: str = "step") -> None:
-    """Delete all but the newest `keep` checkpoints of one kind."""
-    for old in list_checkpoints(run_dir, kind)[:-keep]:
+def prune_checkpoints(run_dir, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -181,7 +339,10 @@ def prune_bests(run_dir, *, keep: set, after: int | None = None) -> None:
     """Delete best-N checkpoints that no kept step checkpoint (nor `keep`) refers to, and with
     `after`, those newer than that step (left by a run that died after writing them)."""
     for path in list_checkpoints(run_dir):
-        keep.add((read_json(path / "state.json") or {}).get("best_step"))
+        try:
+            keep.add((read_json(path / "state.json") or {}).get("best_step"))
+        except UserError:  # an unreadable checkpoint, skipped on resume: it refers to nothing
+            continue
     for path in list_checkpoints(run_dir, "best"):
         step = int(path.name[len("best-"):])
         if step not in keep or (after is not None and step > after):

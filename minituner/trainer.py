@@ -28,6 +28,7 @@ import math
 import random
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,9 @@ from minituner.errors import UserError, read_json
 from minituner.loss import lm_loss_sum, target_count
 from minituner.optim import build_optimizer, clip_grads_, grad_norm, lr_at
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
-from minituner.state import (CHECKPOINTS, MetricsLog, check_new_run, checkpoint_path, latest_checkpoint,
-                             list_checkpoints, load_checkpoint, prune_bests, prune_checkpoints, rng_state,
-                             save_checkpoint, set_rng_state, write_json)
+from minituner.state import (CHECKPOINTS, MetricsLog, begin_run, check_new_run, checkpoint_path, list_checkpoints,
+                             load_checkpoint, load_latest_readable, prune_bests, prune_checkpoints, read_marker,
+                             rng_state, save_checkpoint, set_aside, set_rng_state, write_failure, write_json)
 
 
 @dataclass
@@ -385,10 +386,13 @@ def _postfix(record: dict, state: dict) -> dict:
 
 
 def _start_fresh(run_dir: Path, run_config: dict | None) -> None:
-    """Begin a new run in `run_dir`: a new or empty folder, or the remains of a run that died
-    before its first checkpoint (nothing of it could be resumed, so it is cleared)."""
+    """Begin a new run in `run_dir`: a new or empty folder, which gets the run marker first, or
+    one the caller has already marked for this run (a script, before writing its data), or the
+    remains of a marked run that died before its first checkpoint (cleared: nothing of it could
+    be resumed)."""
     check_new_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(run_dir) is None:
+        begin_run(run_dir, script=(run_config or {}).get("script", "train"))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # best-N of the dead run, temporaries
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
@@ -404,6 +408,14 @@ def _diverged(out: dict, state: dict, run_dir: Path, precision: str) -> UserErro
                      "Lower --lr, keep --max-grad-norm on, or use --precision fp32")
 
 
+def _write_checkpoint(path: Path, run_dir: Path, **parts) -> None:
+    """save_checkpoint, with a failed write (a full disk) said in one line naming the last good one."""
+    try:
+        save_checkpoint(path, **parts)
+    except OSError as e:
+        raise write_failure(e, path, run_dir) from None
+
+
 def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler: LossScaler, runtime: Runtime,
           *, keep: int) -> None:
     """A resumable checkpoint of the step just finished; every rank contributes its RNG state."""
@@ -412,19 +424,24 @@ def _save(run_dir: Path, state: dict, masters: MasterWeights, optimizer, scaler:
         t = state["trajectory"]  # the data position follows from the step; written out for readers
         position = {"epoch": state["step"] // (t["examples"] // t["global_batch"]),
                     "examples_seen": state["step"] * t["global_batch"]}
-        save_checkpoint(checkpoint_path(run_dir, state["step"]), weights=masters.state_dict(),
-                        state={**state, "scaler": scaler.state_dict(), "data_position": position},
-                        optimizer=optimizer.state_dict(), rng=rngs)
+        _write_checkpoint(checkpoint_path(run_dir, state["step"]), run_dir,
+                          weights=masters.state_dict(),
+                          state={**state, "scaler": scaler.state_dict(), "data_position": position},
+                          optimizer=optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
         prune_bests(run_dir, keep={state["best_step"]})
 
 
-
 def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, scaler: LossScaler,
             runtime: Runtime) -> dict:
-    """Load the newest checkpoint of `run_dir` into the masters, optimizer, scaler and RNGs."""
-    path = latest_checkpoint(run_dir)
-    ckpt = load_checkpoint(path)
+    """Load the newest readable checkpoint of `run_dir` into the masters, optimizer, scaler and RNGs."""
+    path, ckpt, skipped = load_latest_readable(run_dir)
+    _agreed(False, runtime)  # a barrier: every rank has read before rank 0 sets the unreadable ones aside
+    if runtime.is_main:
+        for unreadable, reason in skipped:
+            aside = set_aside(unreadable)
+            print(f"warning: skipped {unreadable.name}, which cannot be read ({reason}); resuming from {path.name} "
+                  f"(the unreadable one is kept as {aside.name})", file=sys.stderr)
     state = ckpt["state"]
     for key, value in trajectory.items():
         saved = state.get("trajectory", {}).get(key)
@@ -464,8 +481,8 @@ def _evaluate_and_track(model, val_set, collate, state: dict, masters: MasterWei
     if state["best_eval_loss"] is None or loss < state["best_eval_loss"] - o.min_delta:
         state.update(best_eval_loss=loss, best_step=state["step"], bad_evals=0)
         if o.patience and runtime.is_main:
-            save_checkpoint(checkpoint_path(run_dir, state["step"], "best"), weights=masters.state_dict(),
-                            state={"step": state["step"], "eval_loss": loss})
+            _write_checkpoint(checkpoint_path(run_dir, state["step"], "best"), run_dir,
+                              weights=masters.state_dict(), state={"step": state["step"], "eval_loss": loss})
             prune_bests(run_dir, keep={state["step"]})  # once the new one is complete
     else:
         state["bad_evals"] += 1

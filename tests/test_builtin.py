@@ -86,10 +86,12 @@ def test_builtin_run_keeps_the_users_evaluation_files_and_data_folder(tmp_path, 
     taken = tmp_path / "taken"
     (taken / "data").mkdir(parents=True)
     assert train_instruct.main(["--out", str(taken), *QUICK]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "not a minituner run folder (it holds data)" in capsys.readouterr().err
+    assert list(taken.iterdir()) == [taken / "data"] and not any((taken / "data").iterdir())
     # a mistake found after the data was written: the same --out works once it is corrected
     retry = tmp_path / "retry"
-    assert train_instruct.main(["--out", str(retry), "--patience", "2", *QUICK]) == 2
+    assert train_instruct.main(["--out", str(retry), "--batch-size", "100000", *QUICK]) == 2
+    assert "fewer than one step" in capsys.readouterr().err
     assert (retry / "data" / "train.jsonl").is_file()
     assert train_instruct.main(["--out", str(retry), *QUICK]) == 0
 

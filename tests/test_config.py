@@ -44,17 +44,20 @@ def test_hf_config_round_trip(name):
     assert from_hf_config(to_hf_config(config)) == config
 
 
+SHAPE = {"vocab_size": 100, "intermediate_size": 128, "num_hidden_layers": 2}  # keys every config.json must name
+
+
 def test_head_dim_and_kv_heads_are_derived():
-    config = from_hf_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4})
+    config = from_hf_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, **SHAPE})
     assert (config.head_dim, config.n_kv_heads) == (16, 4)
     assert from_hf_config(hf_config("llama31-tiny")).head_dim == 24  # explicit, != 64 / 4
 
 
 def test_sliding_window_defaults_follow_transformers():
-    mistral = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 8}
+    mistral = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 8, **SHAPE}
     assert from_hf_config(mistral).sliding_window == 4096  # MistralConfig's default
     assert from_hf_config({**mistral, "sliding_window": None}).sliding_window is None  # Mistral v0.2+
-    qwen = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "sliding_window": 32}
+    qwen = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "sliding_window": 32, **SHAPE}
     assert from_hf_config(qwen).sliding_window is None  # use_sliding_window defaults to false
     on = from_hf_config({**qwen, "use_sliding_window": True, "max_window_layers": 3, "num_hidden_layers": 4})
     assert (on.sliding_window, on.sliding_window_from) == (32, 3)

@@ -177,7 +177,7 @@ def test_a_scratch_run_refuses_a_folder_of_other_files_before_writing_into_it(tm
     (tmp_path / "notes.txt").write_text("mine")
     assert run(tmp_path, "--init", "scratch", "--preset", "tiny", "--vocab-size", "300", "--steps", "1",
                "--data", str(DATA / "tinyshakespeare_head.txt")) == 2
-    assert "holds files that are not a run's (notes.txt)" in capsys.readouterr().err
+    assert "not a minituner run folder (it holds notes.txt)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no tokenizer/ left behind
 
 

@@ -14,6 +14,7 @@ import train_instruct
 from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from minituner import trainer
 from minituner.checkpoint import load_adapter, load_pretrained
+from minituner.state import new_marker, write_marker
 
 ROOT = Path(train_instruct.__file__).parent
 BASE = str(FIXTURES / "llama-tiny")
@@ -110,6 +111,9 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypat
 
 def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"script": "train_finetune"}))
+    assert train_instruct.main(["--resume", str(tmp_path)]) == 2  # a config.json alone is not a run
+    assert "not a run folder (it has no run.json" in capsys.readouterr().err
+    write_marker(tmp_path, new_marker("train_finetune"))
     assert train_instruct.main(["--resume", str(tmp_path)]) == 2
     assert "not written by train_instruct.py" in capsys.readouterr().err
 

@@ -352,7 +352,7 @@ def test_a_failed_evaluation_keeps_the_trained_step(tmp_path):
 def test_a_new_run_refuses_a_folder_of_other_files(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(UserError, match=r"holds files that are not a run's \(model.safetensors\)"):
+    with pytest.raises(UserError, match=r"not a minituner run folder \(it holds config.json, model.safetensors\)"):
         train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
               options=TrainOptions(steps=2), runtime=CPU, run_dir=tmp_path, progress=False)
     assert (tmp_path / "config.json").read_text() == "{}"

@@ -1,0 +1,322 @@
+"""Write only what you own: a run folder proves it is one (run.json), exports replace only the
+run's own earlier export, inputs and outputs never overlap, resume skips an unreadable newest
+checkpoint, a failed checkpoint write keeps the last good one, and mistakes name their cause.
+
+Every refusal is checked the way a user would meet it: exit status 2, one line on stderr, and
+the user's files byte for byte as they were."""
+
+import errno
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import toy_train
+import train_finetune
+import train_instruct
+from conftest import DATA, FIXTURES, StopAfterTwoSteps
+from minituner import generate, state, trainer
+from minituner.checkpoint import load_pretrained
+from minituner.errors import UserError
+from minituner.state import MARKER, load_checkpoint, load_latest_readable, read_marker
+
+BASE = FIXTURES / "llama-tiny"
+INSTRUCT = ["--template", "chatml", "--batch-size", "4", "--max-len", "64", "--samples", "1", "--max-new-tokens", "4",
+            "--no-progress"]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` by relative path, with its bytes: what must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_project(root: Path) -> Path:
+    """A user's project folder: their own config.json, a data/ folder, and the base model they tune."""
+    root.mkdir()
+    (root / "config.json").write_text('{"learning_rate": 0.1, "notes": "mine"}\n')
+    (root / "data").mkdir()
+    (root / "data" / "train.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}] * 8))
+    shutil.copytree(BASE, root / "model")
+    return root
+
+
+@pytest.fixture
+def alpaca(tmp_path) -> Path:
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": f"Say {n % 3}.", "output": f"{n % 3}"} for n in range(16)]))
+    return path
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a script loads a model or reads data: the refusal must come first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the run started working before refusing")
+    for module in (train_instruct, train_finetune):
+        monkeypatch.setattr(module, "load_pretrained", forbidden)
+    monkeypatch.setattr(train_instruct, "read_conversations", forbidden)
+    monkeypatch.setattr(train_finetune, "read_documents", forbidden)
+
+
+def refused(main, argv, capsys, *expected: str) -> str:
+    """Run a script's main, which must refuse with exit status 2 and one line naming `expected`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- a run folder proves it is one
+@pytest.mark.parametrize("main, flags", [
+    (train_instruct.main, ["--base", str(BASE), "--data", "DATA"]),
+    (train_finetune.main, ["--base", str(BASE), "--data", str(DATA / "tinyshakespeare_head.txt")]),
+])
+def test_a_folder_holding_the_users_config_json_is_refused_before_any_work(tmp_path, alpaca, capsys, no_work,
+                                                                           main, flags):
+    project = user_project(tmp_path / "project")
+    shutil.rmtree(project / "model")
+    before = snapshot(project)
+    argv = [alpaca if f == "DATA" else f for f in flags]
+    refused(main, [*map(str, argv), "--out", str(project), "--steps", "1", "--no-progress"], capsys,
+            f"{project} is not empty and is not a minituner run folder (it holds config.json, data)")
+    assert snapshot(project) == before and not (project / MARKER).exists()
+
+
+def test_the_base_model_inside_the_run_folder_is_refused_before_any_work(tmp_path, capsys, no_work):
+    project = user_project(tmp_path / "project")
+    before = snapshot(project)
+    refused(train_instruct.main, ["--base", str(project / "model"), "--data", str(project / "data" / "train.json"),
+                                  "--out", str(project), *INSTRUCT], capsys,
+            f"--out {project} contains --base {project / 'model'}")
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize("where, relation", [("base", "lies inside --base"), ("data", "contains --data"),
+                                             ("val", "contains --val-data"), ("eval", "contains --eval-exact"),
+                                             ("same", "is --base")])
+def test_inputs_and_outputs_never_overlap(tmp_path, alpaca, capsys, no_work, where, relation):
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    out = {"base": base / "run", "same": base}.get(where, tmp_path / "run")
+    inputs = {"data": alpaca, "val": shutil.copy(alpaca, tmp_path / "val.json"),
+              "eval": shutil.copy(alpaca, tmp_path / "eval.json")}
+    if where in inputs:  # the file lies in the folder chosen as --out
+        out.mkdir()
+        inputs[where] = shutil.copy(alpaca, out / "mine.json")
+    before = snapshot(tmp_path)
+    refused(train_instruct.main, ["--base", str(base), "--data", str(inputs["data"]), "--val-data", str(inputs["val"]),
+                                  "--eval-exact", str(inputs["eval"]), "--out", str(out), *INSTRUCT], capsys,
+            f"--out {out} {relation}")
+    assert snapshot(tmp_path) == before and not (out / MARKER).exists()
+
+
+def test_a_corpus_folder_may_not_hold_the_run_folder(tmp_path, capsys, no_work):
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("One document.\n")
+    refused(train_finetune.main, ["--base", str(BASE), "--data", str(corpus), "--out", str(corpus / "run")], capsys,
+            f"--out {corpus / 'run'} lies inside --data {corpus}")
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"]
+
+
+def test_a_run_folder_inside_another_runs_folder_is_refused(tmp_path, alpaca, capsys):
+    first = tmp_path / "first"
+    assert train_instruct.main(["--base", str(BASE), "--data", str(alpaca), "--out", str(first), "--steps", "1",
+                                *INSTRUCT]) == 0
+    before = snapshot(first)
+    refused(train_instruct.main, ["--base", str(BASE), "--data", str(alpaca), "--out", str(first / "model" / "again"),
+                                  "--steps", "1", *INSTRUCT], capsys, f"lies inside the run folder {first}")
+    assert snapshot(first) == before
+
+
+def test_files_named_like_a_runs_are_not_a_run(tmp_path):
+    """Only the marker makes a folder a run's: names alone (config.json, metrics.jsonl, an empty
+    checkpoints/) are someone else's files and are never cleared."""
+    folder = tmp_path / "looks-like-a-run"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "metrics.jsonl").write_text("mine\n")
+    (folder / "checkpoints").mkdir()
+    before = snapshot(folder)
+    with pytest.raises(UserError, match="not a minituner run folder"):
+        trainer.train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate,
+                      options=trainer.TrainOptions(steps=1), runtime=trainer.Runtime(torch.device("cpu")),
+                      run_dir=folder, progress=False)
+    assert snapshot(folder) == before
+
+
+def test_a_marked_run_that_died_early_is_started_over_and_a_finished_one_is_kept(tmp_path, alpaca, capsys):
+    out = tmp_path / "run"
+    flags = ["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "1", *INSTRUCT]
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps(state.new_marker("train_instruct")))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # what a run killed before saving leaves
+    (out / "notes.txt").write_text("mine")
+    assert train_instruct.main(flags) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # not one of the run's files: left as it was
+    assert '"loss": 9.0' not in (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "checkpoints")  # a finished run whose checkpoints were deleted to save space
+    before = snapshot(out)
+    refused(train_instruct.main, flags, capsys, "holds a finished run's results")
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- exports it owns
+def interrupted(out, alpaca, monkeypatch, *flags) -> list[str]:
+    """A LoRA run stopped by a SIGTERM in its second step (a checkpoint, no export)."""
+    argv = ["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "4", *INSTRUCT, *flags]
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "StopRequest", StopAfterTwoSteps)
+        assert train_instruct.main(argv) == 130
+    return argv
+
+
+def test_resume_refuses_a_model_folder_it_did_not_write_before_training(tmp_path, alpaca, capsys, monkeypatch):
+    out = tmp_path / "run"
+    interrupted(out, alpaca, monkeypatch)
+    shutil.copytree(BASE, out / "model")  # the user keeps a model there
+    before, metrics = snapshot(out / "model"), (out / "metrics.jsonl").read_text()
+    refused(train_instruct.main, ["--resume", str(out), "--no-progress"], capsys,
+            f"{out / 'model'} exists and was not written by this run's export")
+    assert snapshot(out / "model") == before
+    assert (out / "metrics.jsonl").read_text() == metrics  # refused before training
+
+
+def test_a_finished_run_replaces_its_own_export_but_not_one_changed_since(tmp_path, alpaca, capsys):
+    out = tmp_path / "run"
+    flags = ["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "2", *INSTRUCT]
+    assert train_instruct.main(flags) == 0
+    assert set(read_marker(out)["exports"]) == {"model", "adapter"}
+    assert train_instruct.main(["--resume", str(out), "--no-progress"]) == 0  # its own export: written again
+    (out / "adapter" / "README.md").write_text("my model card")
+    before = snapshot(out / "adapter")
+    refused(train_instruct.main, ["--resume", str(out), "--no-progress"], capsys, "adapter exists and was not written by this run")
+    assert snapshot(out / "adapter") == before
+
+
+def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path, alpaca, monkeypatch):
+    straight = tmp_path / "straight"
+    assert train_instruct.main(["--base", str(BASE), "--data", str(alpaca), "--out", str(straight), "--steps", "4",
+                                *INSTRUCT]) == 0
+    out = tmp_path / "old"
+    interrupted(out, alpaca, monkeypatch)
+    (out / MARKER).unlink()  # as an earlier minituner left it
+    assert train_instruct.main(["--resume", str(out), "--no-progress"]) == 0
+    assert read_marker(out)["adopted"] is True
+    a = load_checkpoint(out / "checkpoints" / "step-000004")["weights"]
+    b = load_checkpoint(straight / "checkpoints" / "step-000004")["weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- unreadable and unwritable checkpoints
+def test_resume_skips_an_unreadable_newest_checkpoint_and_deletes_nothing(tmp_path, capsys):
+    straight = tmp_path / "straight"
+    assert toy_train.main(["--out", str(straight), "--steps", "6", "--save-every", "2", "--n-val", "0"]) == 0
+    out = tmp_path / "run"
+    assert toy_train.main(["--out", str(out), "--steps", "6", "--save-every", "2", "--n-val", "0",
+                           "--term-at", "5"]) == 0  # stops after step 5, saving it
+    newest = out / "checkpoints" / "step-000005"
+    (newest / "trainable.safetensors").write_bytes(b"\0" * 100)  # a disk fault after it was written
+    path, _, skipped = load_latest_readable(out)
+    assert path == out / "checkpoints" / "step-000004" and skipped[0][0] == newest
+    before = snapshot(newest)
+    capsys.readouterr()
+    assert toy_train.main(["--out", str(out), "--steps", "6", "--save-every", "2", "--n-val", "0", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped step-000005, which cannot be read" in err and "resuming from step-000004" in err
+    assert snapshot(out / "checkpoints" / "unreadable-step-000005") == before  # set aside, not deleted
+    a = load_checkpoint(out / "checkpoints" / "step-000006")["weights"]
+    b = load_checkpoint(straight / "checkpoints" / "step-000006")["weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_readable_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert toy_train.main(["--out", str(out), "--steps", "2", "--n-val", "0"]) == 0
+    (out / "checkpoints" / "step-000002" / "state.json").write_text("{ broken")
+    with pytest.raises(UserError, match=r"no checkpoint in .* can be read \(step-000002: .*invalid JSON"):
+        load_latest_readable(out)
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = state.save_file, []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"\0" * 10)  # part of it was written
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(state, "save_file", full_disk)
+    out = tmp_path / "run"
+    assert toy_train.main(["--out", str(out), "--steps", "6", "--save-every", "2", "--n-val", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the disk is full" in err and "step-000002, is intact" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no half checkpoint left
+    assert load_checkpoint(out / "checkpoints" / "step-000002")["state"]["step"] == 2
+    monkeypatch.setattr(state, "save_file", real)
+    assert toy_train.main(["--out", str(out), "--steps", "6", "--save-every", "2", "--n-val", "0", "--resume"]) == 0
+
+
+# ----------------------------------------------------------------------------- errors that name the real cause
+def test_a_data_folder_is_said_to_be_a_folder(tmp_path, capsys):
+    folder = tmp_path / "alpaca"
+    folder.mkdir()
+    refused(train_instruct.main, ["--base", str(BASE), "--data", str(folder), "--out", str(tmp_path / "run"),
+                                  *INSTRUCT], capsys, f"{folder}: is a folder; expected a JSON or JSONL file")
+
+
+@pytest.mark.parametrize("main, name", [(train_instruct.main, "data.json.gz"), (train_finetune.main, "corpus.txt.gz"),
+                                        (train_finetune.main, "corpus.txt")])
+def test_a_compressed_file_is_said_to_be_compressed(tmp_path, capsys, main, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b'{"instruction": "Say hi.", "output": "hi"}\n'))
+    before = path.read_bytes()
+    flags = INSTRUCT if main is train_instruct.main else ["--no-progress"]
+    refused(main, ["--base", str(BASE), "--data", str(path), "--out", str(tmp_path / "run"), *flags], capsys,
+            f"{path}: is a gzip-compressed file; decompress it first")
+    assert path.read_bytes() == before
+
+
+def test_a_config_json_missing_a_shape_key_names_it(tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    config = json.loads((base / "config.json").read_text())
+    del config["hidden_size"]
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"config.json: required key 'hidden_size' is missing"):
+        load_pretrained(base)
+    refused(train_finetune.main, ["--base", str(base), "--data", str(DATA / "tinyshakespeare_head.txt"),
+                                  "--out", str(tmp_path / "run")], capsys, "required key 'hidden_size' is missing")
+
+
+def test_a_run_folder_given_as_a_model_points_to_its_model(tmp_path, alpaca, capsys):
+    out = tmp_path / "run"
+    assert train_instruct.main(["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "1",
+                                *INSTRUCT]) == 0
+    capsys.readouterr()
+    refused(train_instruct.main, ["--base", str(out), "--data", str(alpaca), "--out", str(tmp_path / "next"),
+                                  *INSTRUCT], capsys, f"{out}: is a minituner run folder, not a model folder; "
+                                                      f"its trained model is {out / 'model'}")
+    assert generate.main(["--model", str(out), "--prompt", "hi"]) == 2
+    assert f"its trained model is {out / 'model'}" in capsys.readouterr().err
+
+
+def test_negative_freeze_layers_must_be_at_least_zero(tmp_path, capsys):
+    refused(train_finetune.main, ["--base", str(BASE), "--data", str(DATA / "tinyshakespeare_head.txt"),
+                                  "--out", str(tmp_path / "run"), "--freeze-layers", "-1", "--no-progress"], capsys,
+            "--freeze-layers -1: must be >= 0")
+
+
+def test_max_new_tokens_is_checked_only_when_something_is_generated(tmp_path, capsys):
+    corpus = str(DATA / "tinyshakespeare_head.txt")
+    flags = ["--base", str(FIXTURES / "gpt2-tiny"), "--data", corpus, "--max-len", "64", "--steps", "1",
+             "--no-progress"]
+    assert train_finetune.main([*flags, "--out", str(tmp_path / "quiet"), "--samples", "0"]) == 0
+    refused(train_finetune.main, [*flags, "--out", str(tmp_path / "loud")], capsys,
+            "--max-new-tokens 64 leaves no room for a prompt")
