@@ -1,5 +1,12 @@
-"""Turning tokenised examples into batches: padding to the longest row, or packing several
-examples into each row.
+"""Turning tokenised examples into batches: which examples form each optimizer step, how a step
+is split into micro-batches and processes, and how the examples of a micro-batch become
+tensors, padded to the longest row or packed several to a row.
+
+Batch semantics: `batch_size` is one process's micro-batch, and a step consumes
+batch_size x grad_accum x world_size examples. Which examples form step s depends only on the
+seed and s (a per-epoch permutation cut into equal global batches; the remainder of an epoch
+that does not fill one is left out of that epoch, so every step has the same size). However
+a step is split into micro-batches and processes, it trains on the same set.
 
 An example is a dict with "input_ids" and "labels", two equal-length lists of ints (labels are
 IGNORE_INDEX where a token is not trained; the input/target shift happens in the loss).
@@ -17,9 +24,44 @@ it would see alone in its own row, so packing changes throughput, not the loss.
 
 import bisect
 
+import numpy as np
 import torch
 
+from minituner.errors import OptionError, UserError
 from minituner.loss import IGNORE_INDEX
+
+MIN_ROW = 3  # tokens a training row needs at least: a document cut into rows keeps a target in each (corpus._spans)
+
+
+# ----------------------------------------------------------------------------- which examples, where
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    if n_examples < global_batch:
+        raise UserError(f"the training set has {n_examples} examples, fewer than one step's "
+                        f"{global_batch} (batch size x grad accum x processes); lower --batch-size or --grad-accum")
+    return n_examples // global_batch
+
+
+def step_examples(step: int, *, n_examples: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the examples of step `step`, from a permutation seeded by (seed, epoch)."""
+    epoch, i = divmod(step, steps_per_epoch(n_examples, global_batch))
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return order[i * global_batch:(i + 1) * global_batch].tolist()
+
+
+def micro_batches(indices: list[int], lengths: list[int], *, rank: int, batch_size: int,
+                  grad_accum: int) -> list[list[int]]:
+    """This rank's share of a step, split into micro-batches of similar lengths (less padding)."""
+    share = indices[rank * batch_size * grad_accum:(rank + 1) * batch_size * grad_accum]
+    share = sorted(share, key=lambda i: -lengths[i])
+    return [share[m * batch_size:(m + 1) * batch_size] for m in range(grad_accum)]
+
+
+def check_row_length(max_len: int) -> None:
+    if max_len < MIN_ROW:
+        raise OptionError("max_len", f"{max_len}: a row needs at least {MIN_ROW} tokens")
+
+
+# ----------------------------------------------------------------------------- tensors
 
 
 def pad_collate(examples: list[dict], pad_id: int = 0) -> dict:

@@ -21,17 +21,17 @@ import time
 
 import torch
 
-from minituner.checkpoint import load_pretrained
 from minituner.config import preset_config
-from minituner.errors import UserError
 from minituner.distributed import Runtime, peak_memory_mib, resolve_device, synchronize
+from minituner.errors import UserError, run_command
 from minituner.generate import generate, resolve_dtype
+from minituner.hf.folder import load_pretrained
 from minituner.lora import apply_lora
 from minituner.loss import IGNORE_INDEX
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
 from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
-from minituner.trainer import train_step
+from minituner.step import train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
 PRESETS = {  # SmolLM-135M's vocabulary and context with its shape; the tiny test models' (tests/fixtures)
@@ -163,41 +163,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        # Full training keeps float32 masters of every weight; a LoRA base is frozen, so it is built
-        # in the compute dtype directly (as train_instruct.py does) and only the adapters get masters.
-        load_dtype = torch.float32 if args.train and not args.lora_rank else dtype
-        if args.model:
-            model, _ = load_pretrained(args.model, device=device, dtype=load_dtype)
-        else:
-            model = random_model(preset_config(args.preset, **PRESETS[args.preset]), device, load_dtype)
-        if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
-            raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
-                            f"{model.config.max_seq_len} positions")
-        if args.lora_rank:
-            apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # freezes everything but the adapters
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if args.train:
-            policy = next(name for name, d in POLICIES.items() if d == dtype)
-            if not args.lora_rank:  # with LoRA, apply_lora has frozen all but the adapters
-                fragments = [f for f in args.freeze.split(",") if f]
-                for name, p in model.named_parameters():
-                    p.requires_grad_(not any(f in name for f in fragments))
-            result = bench_training(model.train(), policy=policy, batch_size=args.batch_size,
-                                    seq_len=args.prompt_len, repeats=args.repeats)
-        else:
-            result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
-                                     new_tokens=args.new_tokens, repeats=args.repeats)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    # Full training keeps float32 masters of every weight; a LoRA base is frozen, so it is built
+    # in the compute dtype directly (as the instruction recipe does) and only the adapters get masters.
+    load_dtype = torch.float32 if args.train and not args.lora_rank else dtype
+    if args.model:
+        model, _ = load_pretrained(args.model, device=device, dtype=load_dtype)
+    else:
+        model = random_model(preset_config(args.preset, **PRESETS[args.preset]), device, load_dtype)
+    if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
+        raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
+                        f"{model.config.max_seq_len} positions")
+    if args.lora_rank:
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # freezes everything but the adapters
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.train:
+        policy = next(name for name, d in POLICIES.items() if d == dtype)
+        if not args.lora_rank:  # with LoRA, apply_lora has frozen all but the adapters
+            fragments = [f for f in args.freeze.split(",") if f]
+            for name, p in model.named_parameters():
+                p.requires_grad_(not any(f in name for f in fragments))
+        result = bench_training(model.train(), policy=policy, batch_size=args.batch_size,
+                                seq_len=args.prompt_len, repeats=args.repeats)
+    else:
+        result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                                 new_tokens=args.new_tokens, repeats=args.repeats)
     result = {"model": args.model or args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "lora_rank": args.lora_rank, **result}
     if args.json:
@@ -206,6 +202,10 @@ def main(argv=None) -> int:
         width = max(len(k) for k in result)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

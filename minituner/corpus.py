@@ -31,7 +31,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from minituner.datafile import check_not_compressed, json_records, note_skip, read_text, type_name
+from minituner.batching import check_row_length
+from minituner.datafile import check_fraction, check_not_compressed, json_records, note_skip, read_text, type_name
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
 
@@ -144,8 +145,7 @@ def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[s
     """
     counts = Counter(docs)  # distinct texts, first occurrence first
     texts = list(counts)
-    if not 0 <= fraction < 1:
-        raise UserError(f"validation fraction {fraction} should be at least 0 and below 1")
+    check_fraction(fraction)
     order = list(texts)
     random.Random(seed).shuffle(order)
     target = round(len(docs) * fraction)
@@ -181,8 +181,7 @@ def build_blocks(docs: list[str], tokenizer, *, max_len: int, layout: str = "con
         raise UserError("the tokenizer has no end-of-text token; name one as eos_token in tokenizer_config.json")
     if layout not in LAYOUTS:
         raise UserError(f'layout "{layout}" is not one of {", ".join(LAYOUTS)}')
-    if max_len < 3:  # see _spans: a piece shortened by one token must keep a target
-        raise UserError(f"max_len {max_len} is too short: use at least 3 tokens")
+    check_row_length(max_len)  # see _spans: a piece shortened by one token must keep a target
     if isolate and layout != "concat":
         raise UserError('isolating documents applies to the "concat" layout; "rows" holds one document per row')
     tokenised = [document_tokens(doc, tokenizer) for doc in docs]

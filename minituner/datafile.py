@@ -9,7 +9,7 @@ import random
 import re
 from pathlib import Path
 
-from minituner.errors import UserError
+from minituner.errors import OptionError, UserError
 
 MAX_REASONS = 3  # how many skipped records a report quotes
 # How compressed files begin (their magic numbers), so that one is not reported as text that is
@@ -88,14 +88,19 @@ def type_name(value) -> str:
         type(value), "a number")
 
 
+def check_fraction(fraction: float) -> None:
+    """The share of the data held out for validation: from 0 (none) up to, not including, 1."""
+    if not 0 <= fraction < 1:
+        raise OptionError("val_fraction", f"{fraction}: must be at least 0 and below 1")
+
+
 def split_validation(items: list, fraction: float, seed: int, what: str = "examples") -> tuple[list, list]:
     """(train, val): a random `fraction` of `items` held out, the same for the same seed.
 
     Both keep the items' order. A fraction > 0 holds out at least one item when there are two or
     more, so that asking for validation never silently gives none.
     """
-    if not 0 <= fraction < 1:
-        raise UserError(f"validation fraction {fraction} should be at least 0 and below 1")
+    check_fraction(fraction)
     n_val = round(len(items) * fraction)
     if fraction > 0 and n_val == 0 and len(items) >= 2:
         n_val = 1

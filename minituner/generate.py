@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from minituner.checkpoint import load_pretrained
 from minituner.distributed import resolve_device
-from minituner.errors import UserError
+from minituner.errors import UserError, run_command
+from minituner.hf.folder import load_pretrained
 from minituner.model import KVCache, Transformer
 from minituner.precision import POLICIES
 from minituner.tokenizer import Tokenizer
@@ -179,23 +179,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        model, tokenizer = load_pretrained(args.model, device=device, dtype=dtype)
-        texts = generate_text(model, tokenizer, args.prompt, stop_strings=args.stop, stop_on_eos=not args.ignore_eos,
-                              add_special_tokens=not args.no_special_tokens, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load_pretrained(args.model, device=device, dtype=dtype)
+    texts = generate_text(model, tokenizer, args.prompt, stop_strings=args.stop, stop_on_eos=not args.ignore_eos,
+                          add_special_tokens=not args.no_special_tokens, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
         if len(args.prompt) > 1:
             print("-" * 40)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ extra matmuls; `unmerge` takes it out again.
 
 This module works on any nn.Linear and knows one architecture fact: the Hugging Face names of
 GPT-2's linear layers (GPT2_MODULES), so that adapters can be targeted by the names PEFT users
-know. Saving and loading PEFT folders is checkpoint.py's job.
+know. Saving and loading PEFT folders is minituner/hf/peft.py's job.
 """
 
 import math
@@ -37,13 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minituner.errors import UserError
+from minituner.errors import OptionError, UserError
 
 # The modules PEFT users target on Llama-family models; ours carry the same names.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA, DROPOUT = 8, 16.0, 0.0  # apply_lora's defaults, and the scripts'
 
 # GPT-2's Hugging Face module names (under transformer.h.N) and the modules of ours they are
-# (checkpoint.py maps their weights the same way). c_attn is q, k and v fused along the output,
+# (minituner/hf/layout.py maps their weights the same way). c_attn is q, k and v fused along the output,
 # so it names three of ours; c_proj is a name both in attention and in the MLP, so a bare
 # "c_proj" targets both and "attn.c_proj" / "mlp.c_proj" picks one.
 GPT2_MODULES = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -149,8 +150,19 @@ def _no_match(what: str, key: str, names, among: str) -> UserError:
 
 
 # ----------------------------------------------------------------------------- applying
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=DEFAULT_TARGETS, dropout: float = 0.0,
-               rslora: bool = False, *, ranks: dict | None = None, alphas: dict | None = None) -> list[str]:
+def check_lora(rank: int, alpha: float, dropout: float) -> None:
+    """The settings of one LoRA: an integer rank > 0, alpha > 0, a dropout probability in [0, 1)."""
+    if not (isinstance(rank, int) and rank > 0):
+        raise OptionError("rank", f"{rank}: must be an integer > 0")
+    if not alpha > 0:
+        raise OptionError("alpha", f"{alpha}: must be > 0")
+    if not 0.0 <= dropout < 1.0:
+        raise OptionError("dropout", f"{dropout}: must be in [0, 1)")
+
+
+def apply_lora(model: nn.Module, rank: int = RANK, alpha: float = ALPHA, targets=DEFAULT_TARGETS,
+               dropout: float = DROPOUT, rslora: bool = False, *, ranks: dict | None = None,
+               alphas: dict | None = None) -> list[str]:
     """Swap each targeted nn.Linear of `model` for a LoRALinear and freeze everything else.
 
     targets  module names as PEFT users write them: a target matches a module whose name is it or
@@ -162,9 +174,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=DEFAU
              adapted modules (a later key wins), as PEFT's rank_pattern/alpha_pattern.
     Afterwards only lora_A/lora_B parameters require grad. Returns the adapted modules' names.
     """
-    if not (isinstance(rank, int) and rank > 0 and alpha > 0 and 0.0 <= dropout < 1.0):
-        raise UserError(f"LoRA needs an integer rank > 0 (got {rank}), alpha > 0 (got {alpha}) "
-                        f"and dropout in [0, 1) (got {dropout})")
+    check_lora(rank, alpha, dropout)
     linears = linear_modules(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     # The default list names every attention and MLP projection of the Llama family; a model

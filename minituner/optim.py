@@ -12,6 +12,10 @@ import math
 import torch
 from torch import nn
 
+# Peak learning rates that usually work, by what trains: adapters tolerate (and need) a larger
+# step than a pretrained model's full weights; random weights need larger steps still.
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5, "scratch": 1e-3}
+
 
 def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: float,
                  decay_embeddings: bool = False) -> list[dict]:

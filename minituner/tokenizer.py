@@ -1,13 +1,8 @@
-"""Tokenizers: the `tokenizer.json` of a Hugging Face model folder, run by the `tokenizers`
-library, together with the special tokens the folder's other files name; and a byte-level BPE
-trainer for models built from scratch.
+"""Tokenizers: a `tokenizers` library tokenizer with the ids that have special roles (bos, eos,
+pad, the stop ids that end generation), text <-> ids for data and for chat-template scaffolding,
+and a byte-level BPE trainer for models built from scratch. Reading and writing the files of a
+Hugging Face folder is minituner/hf/tokenizer.py.
 
-Which special tokens a folder means is spread over several files. We read, in order:
-  tokenizer_config.json  bos_token / eos_token / pad_token (strings, or {"content": ...}), and
-                         special_tokens_map.json, where older folders keep them;
-  generation_config.json bos/eos/pad ids; `eos_token_id` may be a list (Llama 3 instruct stops on
-                         <|eot_id|> and <|eom_id|> too): all of them stop generation;
-  config.json            the same ids, when the other two are silent.
 Whether `encode(..., add_special_tokens=True)` adds a BOS (Llama) or nothing (GPT-2, Qwen2) is
 decided by tokenizer.json's post-processor. Only a tokenizer.json without one falls back to
 tokenizer_config.json's add_bos_token / add_eos_token (transformers 5 ignores those flags then).
@@ -21,12 +16,11 @@ space or after a special token in the middle of a text.
 import json
 import re
 from functools import cached_property
-from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minituner.errors import UserError, read_json
+from minituner.errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
 # Special tokens of a from-scratch tokenizer: end of text (also the pad), and ChatML's turn
@@ -141,66 +135,6 @@ class Tokenizer:
                 return full[:start], full[start + len(plain):]
         raise UserError("tokenizer.json: its post-processor changes the text's own tokens; not supported")
 
-    # ------------------------------------------------------------------------- files
-    @classmethod
-    def from_dir(cls, path) -> "Tokenizer":
-        """Read tokenizer.json and the special tokens of a Hugging Face model folder."""
-        folder = Path(path)
-        file = folder / "tokenizer.json"
-        if not file.is_file():
-            raise UserError(
-                f"{folder}: no tokenizer.json. minituner reads Hugging Face fast-tokenizer files; a folder with only "
-                "tokenizer.model can be converted once with transformers: "
-                "AutoTokenizer.from_pretrained(path).save_pretrained(path)")
-        try:
-            backend = Backend.from_file(str(file))
-        except Exception as e:  # the Rust library raises its own exception type
-            raise UserError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
-        tok_file, map_file = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
-        gen_file, model_file = folder / "generation_config.json", folder / "config.json"
-        tok_cfg, map_cfg = read_json(tok_file) or {}, read_json(map_file) or {}  # older folders split the names
-        gen_cfg, model_cfg = read_json(gen_file) or {}, read_json(model_file) or {}
-        ids = {}
-        for role in ("bos", "eos", "pad"):
-            named_in = (tok_cfg, tok_file) if f"{role}_token" in tok_cfg else (map_cfg, map_file)
-            ids[role] = _special_id(backend, *named_in, role)
-            if ids[role] is None:  # the configs' ids, generation_config first as transformers does
-                key = f"{role}_token_id"
-                ids[role] = (_id_list(gen_cfg, key, gen_file) or _id_list(model_cfg, key, model_file) or [None])[0]
-        stop_ids = _id_list(gen_cfg, "eos_token_id", gen_file) or _id_list(model_cfg, "eos_token_id", model_file)
-        template_file = folder / "chat_template.jinja"
-        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-        return cls(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
-                   tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template)
-
-    def set_chat_format(self, chat_template: str, stop_ids: list[int]) -> None:
-        """Record the chat format a model was tuned on, so that what is saved says it: the Jinja
-        template (chat_template.jinja, which transformers' apply_chat_template renders) and the
-        tokens that end an answer (generation_config.json's eos_token_id, where generate stops)."""
-        self.chat_template_file = chat_template
-        self.tokenizer_config.pop("chat_template", None)  # the base model's own, if it had one, no longer applies
-        self.stop_ids = sorted(set(stop_ids))
-        if not self.generation_config:
-            self.generation_config = {"bos_token_id": self.bos_id, "pad_token_id": self.pad_id}
-        self.generation_config["eos_token_id"] = _id_or_list(self.stop_ids)
-
-    def save(self, path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and generation_config.json into folder `path`."""
-        folder = Path(path)
-        self.backend.save(str(folder / "tokenizer.json"))
-        tok_cfg = dict(self.tokenizer_config)
-        tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        for role in ("bos", "eos", "pad"):
-            token_id = getattr(self, f"{role}_id")
-            tok_cfg[f"{role}_token"] = self.id_to_token(token_id) if token_id is not None else None
-        gen_cfg = dict(self.generation_config)
-        if not gen_cfg:
-            gen_cfg = {"bos_token_id": self.bos_id, "eos_token_id": _id_or_list(self.stop_ids), "pad_token_id": self.pad_id}
-        (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (folder / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n", encoding="utf-8")
-        if self.chat_template_file is not None:
-            (folder / "chat_template.jinja").write_text(self.chat_template_file, encoding="utf-8")
-
     # ------------------------------------------------------------------------- training
     @classmethod
     def train_bpe(cls, texts, vocab_size: int, special_tokens=SCRATCH_SPECIAL_TOKENS, min_frequency: int = 2,
@@ -258,33 +192,3 @@ def _prefix_space(backend: Backend) -> tuple[str | None, Backend | None]:
     if not found:
         return None, None
     return found[0], Backend.from_str(json.dumps(spec))
-
-
-def _special_id(backend: Backend, names: dict, source: Path, role: str) -> int | None:
-    """Id of the token that `names` (the dict of file `source`) gives as `{role}_token`; None if none."""
-    token = names.get(f"{role}_token")
-    if isinstance(token, dict):  # a serialised AddedToken
-        token = token.get("content")
-    if not token:
-        return None
-    if not isinstance(token, str):
-        raise UserError(f"{source}: {role}_token should be a token string, got {token!r}")
-    token_id = backend.token_to_id(token)
-    if token_id is None and role != "pad":  # an unknown pad is harmless: we pick our own
-        raise UserError(f"{source}: {role}_token {token!r} is not in tokenizer.json's vocabulary")
-    return token_id
-
-
-def _id_list(config: dict, key: str, source: Path) -> list[int]:
-    """config[key] as a list of token ids: absent or null is [], one id or a list of ids is allowed."""
-    value = config.get(key)
-    if value is None:
-        return []
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise UserError(f"{source}: {key} should be a token id or a list of them, got {value!r}")
-    return values
-
-
-def _id_or_list(ids: list[int]):
-    return ids[0] if len(ids) == 1 else (list(ids) or None)

@@ -15,6 +15,7 @@ from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
 from minituner import trainer
 from minituner.tokenizer import Tokenizer
 
+ROOT = Path(__file__).parent.parent  # the repository: train_instruct.py, train_finetune.py, minituner/
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = Path(__file__).parent / "data"
 CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file() and (p / "reference.safetensors").is_file())

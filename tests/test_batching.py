@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
-
 from conftest import FIXTURES
+
 from minituner.batching import pack, pad_collate, real_token_fraction
-from minituner.checkpoint import load_pretrained
+from minituner.hf.folder import load_pretrained
 from minituner.loss import IGNORE_INDEX, lm_loss_sum, target_count
 
 

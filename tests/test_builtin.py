@@ -10,16 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, StopAfterTwoSteps
 
-import train_finetune
-import train_instruct
-from conftest import StopAfterTwoSteps
-from minituner import builtin, compare, synth, trainer
-from minituner.checkpoint import load_pretrained
+from minituner import trainer
+from minituner.experiment import builtin, compare, synth
 from minituner.generate import greedy_texts
+from minituner.hf.folder import load_pretrained
+from minituner.recipes import finetune as train_finetune
+from minituner.recipes import instruct as train_instruct
 
-ROOT = Path(train_instruct.__file__).parent
-QUICK = ["--steps", "2", "--no-progress"]
+QUICK = ["--steps", "2", "--no-progress", "--eval-limit", "10"]
 
 
 def summary(out) -> dict:
@@ -51,7 +51,7 @@ def test_train_instruct_with_no_arguments_runs_the_builtin_experiment(tmp_path, 
     scores = summary(out)["exact_match"]
     assert set(scores) == {"heldout_inputs", "heldout_phrasings"}
     for s in scores.values():
-        assert s["n"] > 150 and 0 <= s["before"] <= 1 and 0 <= s["after"] <= 1
+        assert s["n"] == 10 and 0 <= s["before"] <= 1 and 0 <= s["after"] <= 1  # --eval-limit 10 of 179
     assert "held-out exact match" in capsys.readouterr().out
     assert (out / "model" / "chat_template.jinja").is_file() and (out / "adapter").is_dir()
 
@@ -62,7 +62,7 @@ def test_train_finetune_with_no_arguments_runs_the_builtin_experiment(tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert config["builtin"] and config["method"] == "full" and config["init"] == "base"
     s = summary(out)
-    assert s["cloze"]["n"] == len(synth.domain_facts()) and s["general_ppl_after"] > 0
+    assert s["cloze"]["n"] == 10 < len(synth.domain_facts()) and s["general_ppl_after"] > 0  # --eval-limit 10
     assert s["first_eval_ppl"] > s["eval_ppl"]  # even two steps learn something of the domain
     assert "cloze accuracy" in capsys.readouterr().out
 
@@ -71,7 +71,8 @@ def test_builtin_run_resumes_from_its_own_data(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(trainer, "StopRequest", StopAfterTwoSteps)
-        assert train_finetune.main(["--out", str(out), "--steps", "4", "--save-every", "1", "--no-progress"]) == 130
+        assert train_finetune.main(["--out", str(out), "--steps", "4", "--save-every", "1", "--no-progress",
+                                    "--eval-limit", "10"]) == 130
     stamp = (out / "data" / "domain.txt").stat().st_mtime_ns
     assert train_finetune.main(["--resume", str(out), "--no-progress"]) == 0
     assert summary(out)["steps"] == 4 and (out / "data" / "domain.txt").stat().st_mtime_ns == stamp
@@ -105,7 +106,7 @@ def test_a_half_given_pair_is_still_an_error(tmp_path, capsys):
 def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "compare"
-    assert compare.main(["--out", str(out), "--scale", "0.005"]) == 0
+    assert compare.main(["--out", str(out), "--scale", "0.005", "--eval-limit", "10"]) == 0
     text = (out / "comparison.md").read_text()
     for claim in "abcdefgh":
         assert f"| ({claim}) " in text
@@ -136,7 +137,7 @@ def test_non_editable_install_ships_the_base_model_and_the_scripts(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
     work = tmp_path / "elsewhere"
     work.mkdir()
-    done = subprocess.run([sys.executable, "-m", "train_finetune", "--out", "run", "--steps", "1", "--samples", "1",
+    done = subprocess.run([sys.executable, "-m", "minituner.recipes.finetune", "--out", "run", "--steps", "1", "--samples", "1",
                            "--no-progress"], cwd=work, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     config = json.loads((work / "run" / "config.json").read_text())

@@ -3,13 +3,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import CHECKPOINTS, FIXTURES, reference
 from safetensors.torch import load_file, save_file
 
-from conftest import CHECKPOINTS, FIXTURES, reference
-from minituner.checkpoint import load_pretrained, save_pretrained
 from minituner.config import ModelConfig
 from minituner.errors import UserError
 from minituner.generate import generate
+from minituner.hf import folder as hf_folder
+from minituner.hf.folder import load_pretrained, save_pretrained
+from minituner.hf.tokenizer import load_tokenizer
 from minituner.model import Transformer
 from minituner.tokenizer import Tokenizer
 
@@ -137,10 +139,10 @@ def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     save_pretrained(model, tokenizer, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    def crash(path):
+    def crash(tokenizer, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tokenizer, "save", crash)
+    monkeypatch.setattr(hf_folder, "save_tokenizer", crash)
     with torch.no_grad():
         model.norm.weight.fill_(3.0)
     with pytest.raises(OSError, match="disk full"):
@@ -237,7 +239,7 @@ def test_unexpected_tensor(tmp_path):
 
 def test_tokenizer_larger_than_embedding(tmp_path):
     folder = copy_fixture(tmp_path)
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     tok.backend.add_special_tokens(["<|extra_a|>", "<|extra_b|>"])
     tok.backend.save(str(folder / "tokenizer.json"))
     with pytest.raises(UserError, match=r"tokenizer\.json: the tokenizer has 386 tokens but the model's embedding has only 384 rows"):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import DATA, FIXTURES
+
 from minituner.batching import pad_collate
-from minituner.checkpoint import load_pretrained
 from minituner.corpus import build_blocks, document_tokens, paragraphs, read_documents, sample_prompts, split_documents
 from minituner.errors import UserError
+from minituner.hf.folder import load_pretrained
 from minituner.loss import IGNORE_INDEX, lm_loss_sum, target_count
 from minituner.tokenizer import Tokenizer
 
@@ -274,7 +274,7 @@ def test_bad_block_requests(chat_tokenizer):
         build_blocks(["a"], no_eos, max_len=8)
     with pytest.raises(UserError, match='layout "stream"'):
         build_blocks(["a"], chat_tokenizer, max_len=8, layout="stream")
-    with pytest.raises(UserError, match="too short"):
+    with pytest.raises(UserError, match="a row needs at least 3 tokens"):
         build_blocks(["a"], chat_tokenizer, max_len=1)
     with pytest.raises(UserError, match="concat"):
         build_blocks(["a"], chat_tokenizer, max_len=8, layout="rows", isolate=True)

@@ -1,10 +1,10 @@
 import json
 
 import pytest
-
 from conftest import DATA
-from minituner.errors import UserError
+
 from minituner.datafile import split_validation
+from minituner.errors import UserError
 from minituner.formats import read_conversations
 
 
@@ -213,7 +213,7 @@ def test_validation_split_edges():
     assert len(val) == 1 and len(train) == 2
     with pytest.raises(UserError, match="holding out 1 of 1 examples for validation leaves none to train on"):
         split_validation([1], 0.9, seed=0)
-    with pytest.raises(UserError, match="validation fraction 1.5 should be at least 0 and below 1"):
+    with pytest.raises(UserError, match="val_fraction 1.5: must be at least 0 and below 1"):
         split_validation([1, 2], 1.5, seed=0)
 
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
-
 from conftest import FIXTURES, reference
-from minituner.checkpoint import load_pretrained
+
 from minituner.errors import UserError
 from minituner.generate import generate, generate_text, main, next_token
+from minituner.hf.folder import load_pretrained
 
 
 @pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny", "mistral-tiny"])

@@ -4,10 +4,12 @@ dependency: pip install transformers peft && pytest tests/test_hf_interop.py"""
 
 import pytest
 import torch
-
 from conftest import CHECKPOINTS, FIXTURES, reference, sentencepiece_like
-from minituner.checkpoint import load_adapter, load_pretrained, save_adapter, save_pretrained
+
 from minituner.config import ModelConfig
+from minituner.hf.folder import load_pretrained, save_pretrained
+from minituner.hf.peft import load_adapter, save_adapter
+from minituner.hf.tokenizer import load_tokenizer, save_tokenizer, set_chat_format
 from minituner.lora import apply_lora, lora_modules, merge_and_unload
 from minituner.model import Transformer
 from minituner.sft import tokenize_segments
@@ -145,8 +147,8 @@ def test_exported_chat_template_writes_what_was_trained(tmp_path, chat_tokenizer
     tokenizer = {"byte-level": chat_tokenizer, "byte-level+bos": bos_tokenizer}.get(kind)
     tokenizer = tokenizer or sentencepiece_like(shakespeare, kind)
     tokenizer = Tokenizer(tokenizer.backend, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    tokenizer.set_chat_format(chat_template(template, bos=bool(tokenizer.prefix_ids)), stop_ids(template, tokenizer))
-    tokenizer.save(tmp_path)
+    set_chat_format(tokenizer, chat_template(template, bos=bool(tokenizer.prefix_ids)), stop_ids(template, tokenizer))
+    save_tokenizer(tokenizer, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     eos = tokenizer.id_to_token(tokenizer.eos_id)
     prefix = tokenizer.decode(tokenizer.prefix_ids, skip_special_tokens=False)
@@ -161,7 +163,7 @@ def test_exported_chat_template_writes_what_was_trained(tmp_path, chat_tokenizer
     assert hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) == prefix + prompt
     ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert ids == tokenize_segments(render(messages, template), tokenizer)[0]  # the same token ids, not only text
-    assert default_template(Tokenizer.from_dir(tmp_path)) == template  # and a later run recognises the format
+    assert default_template(load_tokenizer(tmp_path)) == template  # and a later run recognises the format
     config = transformers.GenerationConfig.from_pretrained(tmp_path)
     ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     assert set(ends) == set(stop_ids(template, tokenizer))

@@ -9,18 +9,28 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import FIXTURES, reference
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES, reference
-from minituner.checkpoint import load_adapter, load_pretrained, save_adapter, save_pretrained
 from minituner.distributed import Runtime
 from minituner.errors import UserError
-from minituner.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, lora_modules, lora_state_dict, merge_and_unload,
-                            merge_lora, trainable_report, unmerge_lora)
+from minituner.hf.folder import load_pretrained, save_pretrained
+from minituner.hf.peft import load_adapter, save_adapter
+from minituner.lora import (
+    DEFAULT_TARGETS,
+    LoRALinear,
+    apply_lora,
+    lora_modules,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    trainable_report,
+    unmerge_lora,
+)
 from minituner.loss import IGNORE_INDEX
 from minituner.optim import build_optimizer
 from minituner.precision import LossScaler, MasterWeights
-from minituner.trainer import train_step
+from minituner.step import train_step
 
 MODELS = ["llama-tiny", "gpt2-tiny"]
 PEFT_FIXTURE = FIXTURES / "llama-tiny-lora"

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import CHECKPOINTS, FIXTURES, reference
-from minituner.checkpoint import load_pretrained
+
 from minituner.config import ModelConfig
 from minituner.generate import generate
+from minituner.hf.folder import load_pretrained
 from minituner.loss import lm_loss_sum, target_count
 from minituner.model import KVCache, Transformer, default_position_ids
 

@@ -5,23 +5,29 @@ checkpoint, a failed checkpoint write keeps the last good one, and mistakes name
 Every refusal is checked the way a user would meet it: exit status 2, one line on stderr, and
 the user's files byte for byte as they were."""
 
+import bz2
 import errno
 import gzip
 import json
+import lzma
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 import toy_train
-import train_finetune
-import train_instruct
 from conftest import DATA, FIXTURES, StopAfterTwoSteps
-from minituner import generate, state, trainer
-from minituner.checkpoint import load_pretrained
+
+from minituner import checkpoint, generate, runfolder, trainer
+from minituner.checkpoint import load_checkpoint, load_latest_readable
 from minituner.errors import UserError
-from minituner.state import MARKER, load_checkpoint, load_latest_readable, read_marker
+from minituner.recipes import finetune, flags, instruct
+from minituner.recipes import finetune as train_finetune
+from minituner.recipes import instruct as train_instruct
+from minituner.runfolder import MARKER, new_marker, read_marker
 
 BASE = FIXTURES / "llama-tiny"
 INSTRUCT = ["--template", "chatml", "--batch-size", "4", "--max-len", "64", "--samples", "1", "--max-new-tokens", "4",
@@ -55,10 +61,10 @@ def no_work(monkeypatch):
     """Fail the test if a script loads a model or reads data: the refusal must come first."""
     def forbidden(*args, **kwargs):
         raise AssertionError("the run started working before refusing")
-    for module in (train_instruct, train_finetune):
+    for module in (instruct, finetune):
         monkeypatch.setattr(module, "load_pretrained", forbidden)
-    monkeypatch.setattr(train_instruct, "read_conversations", forbidden)
-    monkeypatch.setattr(train_finetune, "read_documents", forbidden)
+    monkeypatch.setattr(instruct, "read_conversations", forbidden)
+    monkeypatch.setattr(finetune, "read_documents", forbidden)
 
 
 def refused(main, argv, capsys, *expected: str) -> str:
@@ -154,7 +160,7 @@ def test_a_marked_run_that_died_early_is_started_over_and_a_finished_one_is_kept
     out = tmp_path / "run"
     flags = ["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "1", *INSTRUCT]
     out.mkdir()
-    (out / MARKER).write_text(json.dumps(state.new_marker("train_instruct")))
+    (out / MARKER).write_text(json.dumps(new_marker("train_instruct")))
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # what a run killed before saving leaves
     (out / "notes.txt").write_text("mine")
     assert train_instruct.main(flags) == 0
@@ -244,7 +250,7 @@ def test_no_readable_checkpoint_is_one_line(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real, calls = state.save_file, []
+    real, calls = checkpoint.save_file, []
 
     def full_disk(tensors, filename, metadata=None):
         calls.append(filename)
@@ -252,14 +258,14 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, 
             Path(filename).write_bytes(b"\0" * 10)  # part of it was written
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))
         return real(tensors, filename, metadata=metadata)
-    monkeypatch.setattr(state, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
     out = tmp_path / "run"
     assert toy_train.main(["--out", str(out), "--steps", "6", "--save-every", "2", "--n-val", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the disk is full" in err and "step-000002, is intact" in err, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no half checkpoint left
     assert load_checkpoint(out / "checkpoints" / "step-000002")["state"]["step"] == 2
-    monkeypatch.setattr(state, "save_file", real)
+    monkeypatch.setattr(checkpoint, "save_file", real)
     assert toy_train.main(["--out", str(out), "--steps", "6", "--save-every", "2", "--n-val", "0", "--resume"]) == 0
 
 
@@ -271,28 +277,31 @@ def test_a_data_folder_is_said_to_be_a_folder(tmp_path, capsys):
                                   *INSTRUCT], capsys, f"{folder}: is a folder; expected a JSON or JSONL file")
 
 
+COMPRESSED = {"gzip": gzip.compress(b"{}"), "bzip2": bz2.compress(b"{}"), "xz": lzma.compress(b"{}"),
+              "zstd": b"\x28\xb5\x2f\xfd" + bytes(8), "zip": b"PK\x03\x04" + bytes(26)}
+
+
 @pytest.mark.parametrize("main, name", [(train_instruct.main, "data.json.gz"), (train_finetune.main, "corpus.txt.gz"),
                                         (train_finetune.main, "corpus.txt")])
-def test_a_compressed_file_is_said_to_be_compressed(tmp_path, capsys, main, name):
+@pytest.mark.parametrize("kind", sorted(COMPRESSED))
+def test_a_compressed_file_is_said_to_be_compressed(tmp_path, capsys, main, name, kind):
     path = tmp_path / name
-    path.write_bytes(gzip.compress(b'{"instruction": "Say hi.", "output": "hi"}\n'))
-    before = path.read_bytes()
+    path.write_bytes(COMPRESSED[kind])
     flags = INSTRUCT if main is train_instruct.main else ["--no-progress"]
     refused(main, ["--base", str(BASE), "--data", str(path), "--out", str(tmp_path / "run"), *flags], capsys,
-            f"{path}: is a gzip-compressed file; decompress it first")
-    assert path.read_bytes() == before
+            f"{path}: is a {kind}-compressed file; decompress it first")
+    assert path.read_bytes() == COMPRESSED[kind]
 
 
-def test_a_config_json_missing_a_shape_key_names_it(tmp_path, capsys):
+def test_a_config_json_missing_a_shape_key_names_it(tmp_path, capsys, no_work):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
     config = json.loads((base / "config.json").read_text())
     del config["hidden_size"]
     (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"config.json: required key 'hidden_size' is missing"):
-        load_pretrained(base)
     refused(train_finetune.main, ["--base", str(base), "--data", str(DATA / "tinyshakespeare_head.txt"),
                                   "--out", str(tmp_path / "run")], capsys, "required key 'hidden_size' is missing")
+    assert not (tmp_path / "run").exists()  # said before the run folder was made
 
 
 def test_a_run_folder_given_as_a_model_points_to_its_model(tmp_path, alpaca, capsys):
@@ -303,14 +312,16 @@ def test_a_run_folder_given_as_a_model_points_to_its_model(tmp_path, alpaca, cap
     refused(train_instruct.main, ["--base", str(out), "--data", str(alpaca), "--out", str(tmp_path / "next"),
                                   *INSTRUCT], capsys, f"{out}: is a minituner run folder, not a model folder; "
                                                       f"its trained model is {out / 'model'}")
+    assert not (tmp_path / "next").exists()  # said before the run folder was made
     assert generate.main(["--model", str(out), "--prompt", "hi"]) == 2
     assert f"its trained model is {out / 'model'}" in capsys.readouterr().err
 
 
-def test_negative_freeze_layers_must_be_at_least_zero(tmp_path, capsys):
+def test_negative_freeze_layers_must_be_at_least_zero(tmp_path, capsys, no_work):
     refused(train_finetune.main, ["--base", str(BASE), "--data", str(DATA / "tinyshakespeare_head.txt"),
                                   "--out", str(tmp_path / "run"), "--freeze-layers", "-1", "--no-progress"], capsys,
             "--freeze-layers -1: must be >= 0")
+    assert not (tmp_path / "run").exists()
 
 
 def test_max_new_tokens_is_checked_only_when_something_is_generated(tmp_path, capsys):
@@ -320,3 +331,88 @@ def test_max_new_tokens_is_checked_only_when_something_is_generated(tmp_path, ca
     assert train_finetune.main([*flags, "--out", str(tmp_path / "quiet"), "--samples", "0"]) == 0
     refused(train_finetune.main, [*flags, "--out", str(tmp_path / "loud")], capsys,
             "--max-new-tokens 64 leaves no room for a prompt")
+
+
+# ----------------------------------------------------------------------------- a run that is still going
+LOCK_HOLDER = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_still_going_is_never_taken_for_a_dead_one(tmp_path, alpaca, capsys):
+    """A marked folder with no checkpoint yet is a dead run only if no process holds its lock: a
+    second run (or a resume) on the folder of a run still going is refused, and the first run's
+    files stay as they are; once that process is gone, the folder may be started over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps(new_marker("train_instruct")))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out / "run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(out)
+        flags = ["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "1", *INSTRUCT]
+        refused(train_instruct.main, flags, capsys, f"{out} is in use by a run that is still going")
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_instruct.main(flags) == 0  # the process is gone: a dead run, started over
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flags.time, "strftime", lambda fmt: "20261129-120000")
+    first = flags.default_out("train_instruct")
+    Path(first).mkdir(parents=True)
+    assert (first, flags.default_out("train_instruct")) == ("runs/train_instruct-20261129-120000",
+                                                            "runs/train_instruct-20261129-120000-2")
+
+
+def test_a_copied_run_folder_is_still_its_own(tmp_path, alpaca):
+    out = tmp_path / "run"
+    assert train_instruct.main(["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "2",
+                                *INSTRUCT]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # new modification times, as cp, scp or rsync without -t give
+    for path in copy.rglob("*"):
+        os.utime(path, (1, 1))
+    assert train_instruct.main(["--resume", str(copy), "--no-progress"]) == 0
+
+
+def test_a_full_run_ignores_an_adapter_folder_it_never_writes(tmp_path, alpaca, monkeypatch):
+    out = tmp_path / "run"
+    interrupted(out, alpaca, monkeypatch, "--method", "full", "--lr", "1e-4")
+    (out / "adapter").mkdir()
+    (out / "adapter" / "notes.txt").write_text("mine")
+    assert train_instruct.main(["--resume", str(out), "--no-progress"]) == 0
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- odd --out values
+def test_odd_names_and_paths_give_one_line(tmp_path, alpaca, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "a\nb").write_text("mine")
+    flags = ["--base", str(BASE), "--data", str(alpaca), "--steps", "1", *INSTRUCT]
+    refused(train_instruct.main, [*flags, "--out", str(folder)], capsys, "it holds 'a\\nb'")
+    (tmp_path / "nowhere").symlink_to(tmp_path / "missing")
+    refused(train_instruct.main, [*flags, "--out", str(tmp_path / "nowhere")], capsys, "is a symbolic link to nothing")
+    (tmp_path / "file").write_text("mine")
+    refused(train_instruct.main, [*flags, "--out", str(tmp_path / "file" / "run")], capsys,
+            f"{tmp_path / 'file'} is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "missing").exists()
+
+
+def test_a_folder_it_may_not_write_gives_one_line(tmp_path, alpaca, capsys, monkeypatch):
+    def read_only(run_dir, marker):
+        raise OSError(errno.EROFS, "Read-only file system", str(run_dir))
+    monkeypatch.setattr(runfolder, "write_marker", read_only)
+    refused(train_instruct.main, ["--base", str(BASE), "--data", str(alpaca), "--steps", "1", *INSTRUCT,
+                                  "--out", str(tmp_path / "run")], capsys,
+            "cannot write the run folder (Read-only file system)")

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from minituner import scoring
 from minituner.errors import UserError
+from minituner.experiment import scoring
 
 
 class FakeTokenizer:

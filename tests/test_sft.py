@@ -2,15 +2,14 @@ import json
 from itertools import groupby
 
 import pytest
-
 from conftest import DATA, FIXTURES, sentencepiece_like
+
 from minituner.errors import UserError
 from minituner.formats import read_conversations
+from minituner.hf.tokenizer import load_tokenizer
 from minituner.loss import IGNORE_INDEX
-from minituner.sft import (MASK_CLOSE, MASK_OPEN, build_example, build_examples, prompt_ids, show_mask,
-                           tokenize_segments)
+from minituner.sft import MASK_CLOSE, MASK_OPEN, build_example, build_examples, prompt_ids, show_mask, tokenize_segments
 from minituner.templates import TEMPLATES, Segment, render
-from minituner.tokenizer import Tokenizer
 
 END = {"alpaca": "<|endoftext|>", "plain": "<|endoftext|>", "mistral": "<|endoftext|>", "chatml": "<|im_end|>",
        "llama3": "<|eot_id|>"}
@@ -60,7 +59,7 @@ def test_only_answers_and_their_end_tokens_are_trained(name, template, chat_toke
 
 @pytest.mark.parametrize("template", ["alpaca", "chatml", "plain"])
 def test_the_fixture_tokenizer_masks_the_same_way(template):
-    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")
+    tok = load_tokenizer(FIXTURES / "llama-tiny")
     name = "llamafactory_glaive_toolcall_en_demo.json"
     examples, _ = build_examples(read_conversations(DATA / name)[0], tok, template, max_len=4096)
     expected = [answer + END[template] for r in records(name) for answer in ANSWERS[name](r)]
@@ -179,7 +178,7 @@ def test_no_room_for_an_answer_is_dropped_and_counted(bos_tokenizer):
 
 
 def test_template_without_its_tokens_is_refused(bos_tokenizer):
-    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")
+    tok = load_tokenizer(FIXTURES / "llama-tiny")
     with pytest.raises(UserError, match=r'llama3 template needs "<\|start_header_id\|>"'):
         build_examples([[user("a"), assistant("b")]], tok, "llama3", max_len=64)
 

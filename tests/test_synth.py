@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from minituner import synth
+from minituner.experiment import synth
 
 
 @pytest.fixture(scope="module")

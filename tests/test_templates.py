@@ -1,9 +1,20 @@
 import pytest
-
 from conftest import FIXTURES
+
 from minituner.errors import UserError
-from minituner.templates import (CONTENT, EOS, MARKUP, TEMPLATES, Segment, check_template, default_template,
-                                 generation_prompt, render, stop_ids)
+from minituner.hf.tokenizer import load_tokenizer
+from minituner.templates import (
+    CONTENT,
+    EOS,
+    MARKUP,
+    TEMPLATES,
+    Segment,
+    check_template,
+    default_template,
+    generation_prompt,
+    render,
+    stop_ids,
+)
 from minituner.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "Be kind."}
@@ -82,7 +93,7 @@ def test_generation_prompt_is_the_training_text_before_the_last_answer(template)
 
 
 def test_check_template_names_the_missing_token():
-    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")  # <|endoftext|>, <|im_start|>, <|im_end|>
+    tok = load_tokenizer(FIXTURES / "llama-tiny")  # <|endoftext|>, <|im_start|>, <|im_end|>
     for template in ("chatml", "alpaca", "plain"):
         check_template(template, tok)
     with pytest.raises(UserError, match=r'the llama3 template needs "<\|start_header_id\|>" as one token.*--template alpaca'):
@@ -98,7 +109,7 @@ def test_check_template_names_the_missing_token():
 
 
 def test_default_template_follows_the_tokenizers_special_tokens(chat_tokenizer):
-    assert default_template(Tokenizer.from_dir(FIXTURES / "llama-tiny")) == "chatml"
+    assert default_template(load_tokenizer(FIXTURES / "llama-tiny")) == "chatml"
     assert default_template(chat_tokenizer) == "chatml"
     llama3 = Tokenizer.train_bpe(["text"], vocab_size=300, special_tokens=(
         "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"))

@@ -2,10 +2,11 @@ import json
 import shutil
 
 import pytest
+from conftest import FIXTURES
 from tokenizers import processors
 
-from conftest import FIXTURES
 from minituner.errors import UserError
+from minituner.hf.tokenizer import load_tokenizer, save_tokenizer
 from minituner.tokenizer import Tokenizer
 
 TEXT = "Hello world! Ünïcödé, emoji 🙂 and\ttabs\n\nnew lines."
@@ -24,7 +25,7 @@ def edit_json(path, **changes):
 
 
 def test_fixture_tokenizer_round_trips_text():
-    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")
+    tok = load_tokenizer(FIXTURES / "llama-tiny")
     assert tok.vocab_size == 384
     assert tok.decode(tok.encode(TEXT)) == TEXT
     assert tok.encode(TEXT) == tok.encode(TEXT, add_special_tokens=False)  # its post-processor adds nothing
@@ -32,7 +33,7 @@ def test_fixture_tokenizer_round_trips_text():
 
 
 def test_special_tokens_in_text_become_single_ids():
-    tok = Tokenizer.from_dir(FIXTURES / "llama-tiny")
+    tok = load_tokenizer(FIXTURES / "llama-tiny")
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == tok.token_to_id("<|im_start|>") == 1 and ids[-1] == tok.token_to_id("<|im_end|>") == 2
     assert tok.decode(ids) == "user\nhi"
@@ -42,11 +43,11 @@ def test_special_tokens_in_text_become_single_ids():
 def test_bos_comes_from_the_post_processor(tmp_path):
     """Llama tokenizer.json files add <s> / <|begin_of_text|> with a TemplateProcessing step."""
     folder = copy_fixture(tmp_path)
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     tok.backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
     tok.backend.save(str(folder / "tokenizer.json"))
     edit_json(folder / "tokenizer_config.json", bos_token="<|im_start|>")
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     assert tok.bos_id == 1 and tok.prefix_ids == [1]
     assert tok.encode("hi") == [1] + tok.encode("hi", add_special_tokens=False)
 
@@ -54,7 +55,7 @@ def test_bos_comes_from_the_post_processor(tmp_path):
 def test_without_post_processor_add_bos_token_is_honoured(tmp_path):
     folder = copy_fixture(tmp_path)
     edit_json(folder / "tokenizer_config.json", bos_token="<|im_start|>", add_bos_token=True, add_eos_token=True)
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     assert tok.encode("hi") == [1] + tok.encode("hi", add_special_tokens=False) + [0]
 
 
@@ -63,7 +64,7 @@ def test_every_eos_of_generation_config_stops(tmp_path):
     folder = copy_fixture(tmp_path)
     edit_json(folder / "generation_config.json", eos_token_id=[0, 2])
     edit_json(folder / "tokenizer_config.json", eos_token={"content": "<|im_end|>", "special": True})
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     assert tok.eos_id == 2 and tok.stop_ids == [0, 2]
 
 
@@ -71,11 +72,11 @@ def test_special_tokens_map_is_read_when_tokenizer_config_is_silent(tmp_path):
     folder = copy_fixture(tmp_path)
     (folder / "tokenizer_config.json").write_text("{}")
     (folder / "special_tokens_map.json").write_text('{"eos_token": {"content": "<|im_end|>"}, "bos_token": "<|im_start|>"}')
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     assert (tok.bos_id, tok.eos_id) == (1, 2)
     (folder / "special_tokens_map.json").write_text('{"eos_token": "<nope>"}')
     with pytest.raises(UserError, match=r"special_tokens_map\.json: eos_token '<nope>' is not in"):
-        Tokenizer.from_dir(folder)
+        load_tokenizer(folder)
 
 
 def test_ids_fall_back_to_config_json(tmp_path):
@@ -83,7 +84,7 @@ def test_ids_fall_back_to_config_json(tmp_path):
     edit_json(folder / "tokenizer_config.json", eos_token=None, pad_token=None)
     (folder / "generation_config.json").unlink()
     edit_json(folder / "config.json", eos_token_id=2, pad_token_id=1)
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     assert (tok.eos_id, tok.pad_id, tok.stop_ids) == (2, 1, [2])
 
 
@@ -91,11 +92,11 @@ def test_save_and_reload_keep_special_tokens_and_chat_template(tmp_path):
     folder = copy_fixture(tmp_path)
     (folder / "chat_template.jinja").write_text("{{ messages }}")
     edit_json(folder / "tokenizer_config.json", chat_template="{{ inline }}", bos_token="<|im_start|>")
-    tok = Tokenizer.from_dir(folder)
+    tok = load_tokenizer(folder)
     out = tmp_path / "out"
     out.mkdir()
-    tok.save(out)
-    again = Tokenizer.from_dir(out)
+    save_tokenizer(tok, out)
+    again = load_tokenizer(out)
     assert (again.bos_id, again.eos_id, again.pad_id, again.stop_ids) == (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids)
     assert again.encode(TEXT) == tok.encode(TEXT)
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
@@ -110,8 +111,8 @@ def test_trained_bpe_is_lossless_and_reloads(tmp_path, shakespeare):
     for text in (TEXT, shakespeare[:500], "unseen words: zyxwvq 12345"):
         assert tok.decode(tok.encode(text)) == text  # byte-level: nothing is out of vocabulary
     assert len(tok.encode(shakespeare)) < len(shakespeare.encode()) * 0.6  # merges were learned
-    tok.save(tmp_path)
-    again = Tokenizer.from_dir(tmp_path)
+    save_tokenizer(tok, tmp_path)
+    again = load_tokenizer(tmp_path)
     assert again.encode(shakespeare[:2000]) == tok.encode(shakespeare[:2000]) and again.stop_ids == [0]
 
 
@@ -124,7 +125,7 @@ def test_missing_tokenizer_json_says_what_to_do(tmp_path):
     folder = copy_fixture(tmp_path)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(UserError, match=r"llama-tiny: no tokenizer\.json.*save_pretrained"):
-        Tokenizer.from_dir(folder)
+        load_tokenizer(folder)
 
 
 @pytest.mark.parametrize("file, content, message", [
@@ -136,17 +137,17 @@ def test_wrong_types_in_token_configs_name_file_and_field(tmp_path, file, conten
     folder = copy_fixture(tmp_path)
     (folder / file).write_text(content)
     with pytest.raises(UserError, match=message):
-        Tokenizer.from_dir(folder)
+        load_tokenizer(folder)
 
 
 def test_broken_tokenizer_files_name_the_file(tmp_path):
     folder = copy_fixture(tmp_path)
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(UserError, match=r"tokenizer_config\.json: invalid JSON at line 1"):
-        Tokenizer.from_dir(folder)
+        load_tokenizer(folder)
     (folder / "tokenizer_config.json").write_text('{"eos_token": "<nope>"}')
     with pytest.raises(UserError, match=r"tokenizer_config\.json: eos_token '<nope>' is not in tokenizer\.json"):
-        Tokenizer.from_dir(folder)
+        load_tokenizer(folder)
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     with pytest.raises(UserError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
-        Tokenizer.from_dir(folder)
+        load_tokenizer(folder)

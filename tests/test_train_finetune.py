@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from safetensors.torch import load_file
 
-import train_finetune
-import train_instruct
-from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from minituner import trainer
-from minituner.checkpoint import load_pretrained
 from minituner.generate import generate_text
+from minituner.hf.folder import load_pretrained
+from minituner.recipes import finetune as train_finetune
+from minituner.recipes import instruct as train_instruct
 
 BASE = str(FIXTURES / "llama-tiny")
 

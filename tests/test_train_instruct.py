@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, FIXTURES, ROOT, StopAfterTwoSteps
 from safetensors.torch import load_file
 
-import train_instruct
-from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from minituner import trainer
-from minituner.checkpoint import load_adapter, load_pretrained
-from minituner.state import new_marker, write_marker
+from minituner.hf.folder import load_pretrained
+from minituner.hf.peft import load_adapter
+from minituner.recipes import instruct as train_instruct
+from minituner.runfolder import new_marker, write_marker
 
-ROOT = Path(train_instruct.__file__).parent
 BASE = str(FIXTURES / "llama-tiny")
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                   "OMP_NUM_THREADS": "1"}
@@ -123,8 +123,8 @@ def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
     (["--template", "llama3"], 'needs "<|start_header_id|>"'),
     (["--max-len", "1"], "--max-len 1: a row needs at least 3 tokens"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--max-len", "4096"], "--max-len 4096 exceeds the model's 128 learned"),
-    (["--patience", "2"], "--patience needs validation data (--val-fraction > 0 or --val-data) and --eval-every > 0"),
-    (["--samples", "-1"], "--samples must be >= 0"),
+    (["--patience", "2"], "--patience needs validation data and --eval-every > 0"),
+    (["--samples", "-1"], "--samples and --eval-limit must be >= 0"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--lora-targets", "q_proj"], "adapt all three (target c_attn)"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room"),
     (["--val-fraction", "1.5"], "--val-fraction"),

@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy_train
 from safetensors.torch import load_file
 
-import toy_train
+from minituner.atomic import write_json
+from minituner.batching import micro_batches, step_examples
 from minituner.distributed import Runtime, resolve_device
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
 from minituner.optim import lr_at
 from minituner.precision import LossScaler, MasterWeights
-from minituner.state import read_run_config, write_json
-from minituner.trainer import TrainOptions, evaluate, micro_batches, step_examples, train, train_step
+from minituner.runfolder import read_run_config
+from minituner.step import evaluate, train_step
+from minituner.trainer import TrainOptions, train
 
 CPU = Runtime(torch.device("cpu"))
 TOY = Path(toy_train.__file__)
@@ -368,13 +371,13 @@ def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
 def test_bad_options_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="--device tpu"):
         resolve_device("tpu")
-    with pytest.raises(UserError, match="--batch-size"):
+    with pytest.raises(UserError, match="batch_size 0: must be >= 1"):
         TrainOptions(batch_size=0)
     with pytest.raises(UserError, match="fewer than one step"):
         train(toy_train.build_model(0), toy_train.make_examples(3, 0), toy_train.collate,
               options=TrainOptions(batch_size=4), runtime=CPU, run_dir=tmp_path / "small", progress=False)
     assert toy_train.main(["--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
-    assert "error: --precision fp8: unknown" in capsys.readouterr().err
+    assert "error: precision 'fp8': must be one of fp32, bf16, fp16" in capsys.readouterr().err
 
 
 def test_frozen_model_empty_validation_and_negative_seed_are_user_errors(tmp_path):
@@ -386,11 +389,11 @@ def test_frozen_model_empty_validation_and_negative_seed_are_user_errors(tmp_pat
         train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate, options=TrainOptions(),
               runtime=CPU, run_dir=tmp_path / "b", val_set=[], progress=False)
     assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the first step
-    with pytest.raises(UserError, match="--seed"):
+    with pytest.raises(UserError, match="seed -1: must be >= 0"):
         TrainOptions(seed=-1)
-    with pytest.raises(UserError, match="growth interval"):
+    with pytest.raises(UserError, match="growth_interval 0: must be >= 1"):
         TrainOptions(growth_interval=0)
-    with pytest.raises(UserError, match="--patience.*--eval-every"):
+    with pytest.raises(UserError, match="patience needs validation data and eval_every > 0"):
         train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate,
               options=TrainOptions(patience=2), runtime=CPU, run_dir=tmp_path / "c",
               val_set=toy_train.make_examples(4, 1), progress=False)

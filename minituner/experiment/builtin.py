@@ -1,6 +1,6 @@
 """The built-in experiment: what `python train_instruct.py` and `python train_finetune.py` do
 with no arguments. It needs no download: the base model ships inside the package, and the data
-is generated (minituner/synth.py) into the run folder, RUN/data/, where it can be read.
+is generated (minituner/experiment/synth.py) into the run folder, RUN/data/, where it can be read.
 
   instruct  LoRA instruction tuning of the shipped base on the synthetic task families; scored
             by exact match on held-out inputs and on held-out phrasings, before and after.
@@ -13,12 +13,14 @@ README gives the command that rebuilds it. Its general text was generated with s
 GENERAL_EVAL_SEED gives different documents, held out from that pretraining.
 """
 
+import argparse
+import json
 from pathlib import Path
 
-from minituner import synth
 from minituner.distributed import Runtime, all_gather_object
-from minituner.errors import UserError
-from minituner.state import BUILTIN_DATA_MARKER
+from minituner.errors import UserError, run_command
+from minituner.experiment import synth
+from minituner.runfolder import BUILTIN_DATA_MARKER
 
 BASE_MODEL = Path(__file__).parent / "base_model"
 GENERAL_EVAL_SEED = 1000
@@ -65,7 +67,7 @@ def instruct_data(folder, *, n_train: int = INSTRUCT_EXAMPLES, n_eval: int = 20,
     if write:
         splits = synth.task_splits(n_train=n_train, n_eval=n_eval, seed=seed)
         for name, path in paths.items():
-            synth.write_jsonl(path, map(synth.as_messages, splits[name]))
+            write_jsonl(path, map(synth.as_messages, splits[name]))
     return paths
 
 
@@ -76,7 +78,51 @@ def finetune_data(folder, *, seed: int = 0, write: bool = True) -> dict[str, Pat
     paths = {"domain": folder / "domain.txt", "cloze": folder / "cloze.jsonl", "general": folder / "general_eval.txt"}
     if write:
         facts = synth.domain_facts(seed=seed)
-        synth.write_documents(paths["domain"], synth.domain_corpus(facts, seed=seed))
-        synth.write_jsonl(paths["cloze"], synth.cloze_items(facts))
-        synth.write_documents(paths["general"], synth.general_corpus(GENERAL_EVAL_DOCS, seed=GENERAL_EVAL_SEED))
+        write_documents(paths["domain"], synth.domain_corpus(facts, seed=seed))
+        write_jsonl(paths["cloze"], synth.cloze_items(facts))
+        write_documents(paths["general"], synth.general_corpus(GENERAL_EVAL_DOCS, seed=GENERAL_EVAL_SEED))
     return paths
+
+
+# ----------------------------------------------------------------------------- files
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_documents(path: Path, docs: list[str]) -> Path:
+    """Documents as a .txt file, one paragraph each (minituner/corpus.py reads them back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+def synth_command(argv=None) -> int:
+    """Write a set to a new file, to read it or to pretrain on it:
+    python -m minituner.synth general --docs 30000 --out general.txt"""
+    p = argparse.ArgumentParser(prog="python -m minituner.synth", description=synth_command.__doc__.split("\n")[0])
+    p.add_argument("set", choices=["general", "tasks", "domain"])
+    p.add_argument("--docs", type=int, default=30000, help="documents of the general corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.add_argument("--out", required=True, help="file to write (.txt for corpora, .jsonl for tasks); must not exist")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"--out {out} already exists; minituner writes only new files here")
+    if args.set == "general":
+        write_documents(out, synth.general_corpus(args.docs, args.seed))
+    elif args.set == "domain":
+        write_documents(out, synth.domain_corpus(synth.domain_facts(seed=args.seed), args.seed))
+    else:
+        write_jsonl(out, [synth.as_messages(item) for item in synth.task_splits(seed=args.seed)["train"]])
+    print(f"wrote {out}")
+    return 0
+
+
+def synth_main(argv=None) -> int:
+    """`python -m minituner.synth`."""
+    return run_command(synth_command, argv)
+
+

@@ -7,7 +7,8 @@ weights are not in a checkpoint, so they come from `model`, which the caller bui
 float32 the way the run built it before training (the base folder, or a from-scratch init).
 A LoRA model is saved twice: the adapter alone, and merged into the base as an ordinary model.
 RUN/model/ and RUN/adapter/ are replaced only when they are this run's own earlier export (a
-resumed run that had finished exports again); run.json records each export as it is written.
+resumed run that had finished exports again); run.json records each export before it is
+renamed into place (minituner/runfolder.py).
 """
 
 import errno
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import torch
 
-from minituner.checkpoint import save_adapter, save_pretrained
+from minituner.atomic import staged_folder
+from minituner.checkpoint import final_checkpoint, load_checkpoint
 from minituner.errors import UserError
+from minituner.hf.folder import save_pretrained
+from minituner.hf.peft import save_adapter
 from minituner.lora import merge_and_unload
 from minituner.model import Transformer
-from minituner.state import check_export_target, final_checkpoint, load_checkpoint, record_export
+from minituner.runfolder import check_export_target, folder_fingerprint, record_export
 from minituner.tokenizer import Tokenizer
 
 
@@ -43,15 +47,22 @@ def export_run(run_dir, summary: dict, model: Transformer, tokenizer: Tokenizer,
     written = []
     try:
         if lora:
-            save_adapter(model, run_dir / "adapter", base_model=base_name)
-            record_export(run_dir, "adapter")
-            written.append(run_dir / "adapter")
+            written.append(_export(run_dir, "adapter", lambda folder: save_adapter(model, folder, base_model=base_name)))
             model = merge_and_unload(model)
-        save_pretrained(model, tokenizer, run_dir / "model")
-        record_export(run_dir, "model")
+        written.append(_export(run_dir, "model", lambda folder: save_pretrained(model, tokenizer, folder)))
     except OSError as e:  # a full disk: the checkpoint the export is made from is intact
         reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
         raise UserError(f"could not export into {run_dir} ({reason}); the run's checkpoint {path} is intact: "
                         f"free some space, then --resume {run_dir} to export again") from None
-    written.append(run_dir / "model")
     return written
+
+
+def _export(run_dir: Path, name: str, write) -> Path:
+    """RUN/<name> written by write(folder) into a staged folder, recorded as the run's before it
+    is renamed into place."""
+    target = run_dir / name
+    with staged_folder(target) as tmp:
+        write(tmp)
+        record_export(run_dir, name, folder_fingerprint(tmp), landed=False)
+    record_export(run_dir, name, folder_fingerprint(target), landed=True)
+    return target

@@ -71,3 +71,11 @@ def read_cloze(path) -> list[dict]:
     if not items:
         raise UserError(f"{path}: no cloze items")
     return items
+
+
+def spread(items: list, limit: int) -> list:
+    """At most `limit` of `items` (0: all), taken evenly over the list, so that a set written family
+    by family keeps every family."""
+    if not limit or len(items) <= limit:
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]

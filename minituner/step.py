@@ -1,0 +1,89 @@
+"""One optimizer step, and an evaluation: the mechanics that both kinds of training share.
+
+    count the step's target tokens over every micro-batch and rank
+    per micro-batch: forward, fp32 loss sum / step token count * loss scale, backward,
+                     move gradients into the fp32 masters
+    sum gradients over ranks; unscale; global norm (inf/nan = fp16 overflow: skip the step)
+    clip; optimizer step on the masters; copy masters into the model; zero gradients
+    update the loss scale
+
+Because the loss is a sum over the step's target tokens divided by their count over all its
+micro-batches and ranks, however a step is split into micro-batches and processes it trains to
+the same gradient (each token weighs the same; a mean of micro-batch means would not).
+
+A batch is a dict of tensors: "input_ids" and "labels" (B, T), and optionally "position_ids"
+and "document_ids" (packed sequences; minituner/batching.py).
+"""
+
+import torch
+
+from minituner.distributed import Runtime, all_reduce_sum_
+from minituner.errors import UserError
+from minituner.loss import lm_loss_sum, target_count
+from minituner.optim import clip_grads_, grad_norm
+from minituner.precision import LossScaler, MasterWeights
+
+
+def forward_loss(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed fp32 loss of one batch dict (see the module docstring for its keys)."""
+    optional = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
+    logits = model(batch["input_ids"].to(device), **optional)  # (B, T, V)
+    return lm_loss_sum(logits, batch["labels"])
+
+
+def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer, scaler: LossScaler, lr: float,
+               max_grad_norm: float, runtime: Runtime) -> dict:
+    """One optimizer step over this rank's micro-batches. Returns the step's loss (mean over all
+    its target tokens), gradient norm, whether it was skipped, and its token counts."""
+    device = runtime.device
+    # The step's token counts, over every micro-batch of every rank (float64 counts exactly).
+    counts = torch.tensor([sum(target_count(b["labels"]) for b in batches),
+                           sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=device)
+    all_reduce_sum_([counts], runtime)
+    n_targets, n_tokens = counts.tolist()
+    if n_targets == 0:
+        raise UserError("a training step has no target tokens: every label is masked; check the data's labels")
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for batch in batches:
+        loss = forward_loss(model, batch, device)  # fp32 sum over this micro-batch's targets
+        (loss * (scaler.scale / n_targets)).backward()  # each token weighs 1/n_targets of the step
+        masters.accumulate_grads()  # into fp32, so many micro-batches do not pile up bf16 rounding
+        loss_sum += loss.detach()
+
+    grads = masters.grads()
+    all_reduce_sum_(grads + [loss_sum.view(1)], runtime)  # ranks hold disjoint tokens: sum, not mean
+    inv_scale = 1.0 / scaler.scale
+    for g in grads:
+        g.mul_(inv_scale)  # unscale before measuring or clipping
+    norm = grad_norm(grads)
+    finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # one inf/nan anywhere poisons the norm
+    if finite:
+        clip_grads_(grads, norm, max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        masters.copy_to_model()
+    masters.zero_grads()
+    scaler.update(found_inf=not finite)  # no-op unless fp16
+    return {"loss": loss_sum.item() / n_targets, "grad_norm": norm.item(), "skipped": not finite,
+            "target_tokens": int(n_targets), "tokens": int(n_tokens)}
+
+
+@torch.no_grad()
+def evaluate(model, val_set, collate, *, batch_size: int, runtime: Runtime) -> float:
+    """Mean loss over every target token of `val_set` (each rank takes every world_size-th batch)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(val_set)), key=lambda i: -len(val_set[i]["input_ids"]))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, target count
+    for chunk in chunks[runtime.rank::runtime.world_size]:
+        batch = collate([val_set[i] for i in chunk])
+        totals[0] += forward_loss(model, batch, runtime.device).double()
+        totals[1] += target_count(batch["labels"])
+    all_reduce_sum_([totals], runtime)
+    model.train(was_training)
+    if totals[1] == 0:
+        raise UserError("the validation set has no target tokens")
+    return (totals[0] / totals[1]).item()
