@@ -22,6 +22,7 @@ import errno
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minituner.atomic import staged_folder, write_json
+from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError, read_json
 
 CHECKPOINTS = "checkpoints"
@@ -176,3 +178,59 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- a run's checkpoints
+def save_run(run_dir: Path, state: dict, masters, optimizer, scaler, runtime: Runtime, *, keep: int) -> None:
+    """A resumable checkpoint of the step just finished, the run's `state` (trainer.RunState as a
+    dict) with the masters, the optimizer and the loss scaler; every rank contributes its RNG
+    state. Only the newest `keep` are kept."""
+    rngs = all_gather_object(rng_state(runtime.device), runtime)
+    if runtime.is_main:
+        step, t = state["step"], state["trajectory"]  # the data position follows from the step; written for readers
+        position = {"epoch": step // (t["examples"] // t["global_batch"]), "examples_seen": step * t["global_batch"]}
+        write_checkpoint(checkpoint_path(run_dir, step), run_dir, weights=masters.state_dict(),
+                         state={**state, "scaler": scaler.state_dict(), "data_position": position},
+                         optimizer=optimizer.state_dict(), rng=rngs)
+        prune_checkpoints(run_dir, keep)
+        prune_bests(run_dir, keep={state["best_step"]})
+
+
+def write_checkpoint(path: Path, run_dir: Path, **parts) -> None:
+    """save_checkpoint, with a failed write (a full disk) said in one line naming the last good one."""
+    try:
+        save_checkpoint(path, **parts)
+    except OSError as e:
+        raise write_failure(e, path, run_dir) from None
+
+
+def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runtime: Runtime) -> dict:
+    """Load the newest readable checkpoint of `run_dir` (rank 0's choice: every rank resumes from
+    the same step) into the masters, optimizer, loss scaler and RNGs; return the run's saved
+    state. `trajectory` (what fixes the sequence of steps) must be the one the run started with."""
+    path, ckpt, skipped = load_latest_readable(run_dir)
+    chosen = all_gather_object(path.name, runtime)[0]
+    if chosen != path.name:  # this rank read one that rank 0 could not: take rank 0's
+        path = run_dir / CHECKPOINTS / chosen
+        ckpt = load_checkpoint(path)
+    saved = ckpt["state"]
+    for key, value in trajectory.items():
+        if saved.get("trajectory", {}).get(key) != value:
+            raise UserError(f"{path}: the run was started with {key} = {saved.get('trajectory', {}).get(key)}, this "
+                            f"one has {value}; resume with the run's own options (its config.json), or the steps "
+                            "would not continue it")
+    masters.load_state_dict(ckpt["weights"], source=str(path))
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
+    scaler.load_state_dict(saved["scaler"])
+    if runtime.is_main:
+        for unreadable, reason in skipped:
+            aside = set_aside(unreadable)
+            print(f"warning: skipped {unreadable.name}, which cannot be read ({reason}); resuming from {path.name} "
+                  f"(the unreadable one is kept as {aside.name})", file=sys.stderr)
+        prune_bests(run_dir, keep={saved["best_step"]}, after=saved["step"])
+    if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
+    return saved

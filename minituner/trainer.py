@@ -25,7 +25,6 @@ import math
 import random
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,10 +35,9 @@ from tqdm import tqdm
 
 from minituner.atomic import write_json
 from minituner.batching import micro_batches, step_examples, steps_per_epoch
-from minituner.checkpoint import (CHECKPOINTS, checkpoint_path, list_checkpoints, load_checkpoint, load_latest_readable,
-                                  prune_bests, prune_checkpoints, rng_state, save_checkpoint, set_aside, set_rng_state,
-                                  write_failure)
-from minituner.distributed import Runtime, all_gather_object, all_reduce_sum_, broadcast_, peak_memory_mib, synchronize
+from minituner.checkpoint import (CHECKPOINTS, checkpoint_path, list_checkpoints, load_checkpoint, prune_bests,
+                                  resume_run, save_run, write_checkpoint)
+from minituner.distributed import Runtime, all_reduce_sum_, broadcast_, peak_memory_mib, synchronize
 from minituner.errors import OptionError, UserError, read_json
 from minituner.optim import DEFAULT_LR, build_optimizer, lr_at
 from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
@@ -183,7 +181,8 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     seed_everything(o.seed + runtime.rank)  # ranks draw different dropout masks, as they see different data
     run = RunState(trajectory=_trajectory(o, len(train_set), global_batch, total_steps), run_config=run_config)
     if resume:
-        run = _resume(run_dir, run.trajectory, masters, optimizer, scaler, runtime)
+        run = RunState.from_saved(resume_run(run_dir, run.trajectory, masters, optimizer, scaler, runtime))
+        run.status = "running" if run.status == "interrupted" else run.status
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main, resume_step=run.step if resume else None)
     if not resume:
         _evaluate_start(model, val_set, extra_evals, collate, run, masters, o, run_dir, runtime, metrics)
@@ -213,7 +212,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             if _agreed(stop.requested, runtime) and run.status == "running":
                 run.status = "interrupted"
             if run.step == total_steps or (o.save_every and run.step % o.save_every == 0) or run.status != "running":
-                _save(run_dir, run, masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
+                save_run(run_dir, asdict(run), masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
     bar.close()
     summary = _finish(model, run, masters, extra_evals, collate, o, run_dir, runtime, metrics, session, total_steps,
                       global_batch)
@@ -282,7 +281,7 @@ def _evaluate_or_save(model, val_set, collate, run: RunState, masters, optimizer
     try:
         return _evaluate_and_track(model, val_set, collate, run, masters, o, run_dir, runtime)
     except BaseException:
-        _save(run_dir, run, masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
+        save_run(run_dir, asdict(run), masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
         raise
 
 
@@ -294,8 +293,8 @@ def _evaluate_and_track(model, val_set, collate, run: RunState, masters: MasterW
     if run.best_eval_loss is None or loss < run.best_eval_loss - o.min_delta:
         run.best_eval_loss, run.best_step, run.bad_evals = loss, run.step, 0
         if o.patience and runtime.is_main:
-            _write_checkpoint(checkpoint_path(run_dir, run.step, "best"), run_dir,
-                              weights=masters.state_dict(), state={"step": run.step, "eval_loss": loss})
+            write_checkpoint(checkpoint_path(run_dir, run.step, "best"), run_dir,
+                             weights=masters.state_dict(), state={"step": run.step, "eval_loss": loss})
             prune_bests(run_dir, keep={run.step})  # once the new one is complete
     else:
         run.bad_evals += 1
@@ -311,64 +310,6 @@ def _evaluate_extra(model, sets: dict, collate, o: TrainOptions, runtime: Runtim
         loss = evaluate(model, examples, collate, batch_size=o.batch_size, runtime=runtime)
         out.update({f"{name}_loss": loss, f"{name}_ppl": _ppl(loss)})
     return out
-
-
-def _save(run_dir: Path, run: RunState, masters: MasterWeights, optimizer, scaler: LossScaler, runtime: Runtime,
-          *, keep: int) -> None:
-    """A resumable checkpoint of the step just finished; every rank contributes its RNG state."""
-    rngs = all_gather_object(rng_state(runtime.device), runtime)
-    if runtime.is_main:
-        t = run.trajectory  # the data position follows from the step; written out for readers
-        position = {"epoch": run.step // (t["examples"] // t["global_batch"]),
-                    "examples_seen": run.step * t["global_batch"]}
-        _write_checkpoint(checkpoint_path(run_dir, run.step), run_dir, weights=masters.state_dict(),
-                          state={**asdict(run), "scaler": scaler.state_dict(), "data_position": position},
-                          optimizer=optimizer.state_dict(), rng=rngs)
-        prune_checkpoints(run_dir, keep)
-        prune_bests(run_dir, keep={run.best_step})
-
-
-def _write_checkpoint(path: Path, run_dir: Path, **parts) -> None:
-    """save_checkpoint, with a failed write (a full disk) said in one line naming the last good one."""
-    try:
-        save_checkpoint(path, **parts)
-    except OSError as e:
-        raise write_failure(e, path, run_dir) from None
-
-
-def _resume(run_dir: Path, trajectory: dict, masters: MasterWeights, optimizer, scaler: LossScaler,
-            runtime: Runtime) -> RunState:
-    """Load the newest readable checkpoint of `run_dir` (rank 0's choice: every rank resumes from
-    the same step) into the masters, optimizer, scaler and RNGs."""
-    path, ckpt, skipped = load_latest_readable(run_dir)
-    chosen = all_gather_object(path.name, runtime)[0]
-    if chosen != path.name:  # this rank read one that rank 0 could not: take rank 0's
-        path = run_dir / CHECKPOINTS / chosen
-        ckpt = load_checkpoint(path)
-    saved = ckpt["state"]
-    for key, value in trajectory.items():
-        if saved.get("trajectory", {}).get(key) != value:
-            raise UserError(f"{path}: the run was started with {key} = {saved.get('trajectory', {}).get(key)}, this "
-                            f"one has {value}; resume with the run's own options (its config.json), or the steps "
-                            "would not continue it")
-    masters.load_state_dict(ckpt["weights"], source=str(path))
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
-    scaler.load_state_dict(saved["scaler"])
-    run = RunState.from_saved(saved)
-    if runtime.is_main:
-        for unreadable, reason in skipped:
-            aside = set_aside(unreadable)
-            print(f"warning: skipped {unreadable.name}, which cannot be read ({reason}); resuming from {path.name} "
-                  f"(the unreadable one is kept as {aside.name})", file=sys.stderr)
-        prune_bests(run_dir, keep={run.best_step}, after=run.step)
-    if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
-        set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
-    if run.status == "interrupted":
-        run.status = "running"
-    return run
 
 
 def _diverged(out: dict, run: RunState, run_dir: Path, precision: str) -> UserError:

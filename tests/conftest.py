@@ -8,17 +8,31 @@ transformers computed in float32 for the same weights.
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
 
 from minituner import trainer
+from minituner.hf.folder import load_pretrained
+from minituner.lora import DEFAULT_TARGETS, apply_lora, lora_modules
 from minituner.tokenizer import Tokenizer
 
 ROOT = Path(__file__).parent.parent  # the repository: train_instruct.py, train_finetune.py, minituner/
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = Path(__file__).parent / "data"
 CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file() and (p / "reference.safetensors").is_file())
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` by relative path, with its bytes: what must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest difference between two state dicts with the same names."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def reference(name: str) -> dict:
@@ -89,3 +103,32 @@ def sentencepiece_like(shakespeare: str, style: str) -> Tokenizer:
     bos = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return Tokenizer(backend, bos_id=bos, eos_id=backend.token_to_id("</s>"), pad_id=backend.token_to_id("</s>"))
+
+
+# ----------------------------------------------------------------------------- LoRA
+def targets_for(name: str) -> tuple:
+    return ("c_attn", "c_proj", "c_fc") if name.startswith("gpt2") else DEFAULT_TARGETS
+
+
+def randomize(model, seed: int = 0) -> None:
+    """Non-zero B everywhere, so that the adapters change the output and every test is sensitive."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def adapted(name: str, **options):
+    model, _ = load_pretrained(FIXTURES / name)
+    apply_lora(model, targets=targets_for(name), **options)
+    randomize(model)
+    return model
+
+
+def logits(model, name: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(reference(name)["input_ids"])
+
+
+def deltas(model) -> dict:
+    return {name: m.delta_weight() for name, m in lora_modules(model).items()}

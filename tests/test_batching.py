@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
-from conftest import FIXTURES
 
-from minituner.batching import pack, pad_collate, real_token_fraction
+from conftest import FIXTURES
+from minituner.batching import micro_batches, pack, pad_collate, real_token_fraction, step_examples
 from minituner.hf.folder import load_pretrained
 from minituner.loss import IGNORE_INDEX, lm_loss_sum, target_count
 
@@ -106,3 +106,21 @@ def test_packed_batch_total_loss_equals_unpacked():
 def test_real_token_fraction():
     assert real_token_fraction([4, 2, 3, 3], [[0, 1], [2, 3]]) == pytest.approx(12 / 14)
     assert real_token_fraction([5, 5], [[0, 1]]) == 1.0
+
+
+def test_a_step_has_the_same_examples_however_it_is_split():
+    lengths = [i % 7 for i in range(40)]
+    for step in range(12):  # crosses epoch boundaries (40 // 8 = 5 steps per epoch)
+        indices = step_examples(step, n_examples=40, global_batch=8, seed=5)
+        for world, batch, accum in [(1, 8, 1), (1, 2, 4), (2, 4, 1), (2, 1, 4), (4, 2, 1)]:
+            parts = [mb for r in range(world) for mb in micro_batches(indices, lengths, rank=r, batch_size=batch,
+                                                                    grad_accum=accum)]
+            assert all(len(mb) == batch for mb in parts)
+            assert sorted(i for mb in parts for i in mb) == sorted(indices)
+
+
+def test_an_epoch_sees_each_example_once_and_epochs_reshuffle():
+    epoch0 = [i for s in range(5) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
+    epoch1 = [i for s in range(5, 10) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(40))
+    assert epoch0 != epoch1

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from conftest import FIXTURES
 
+from conftest import FIXTURES
 from minituner.bench import main
 
 

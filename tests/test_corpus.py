@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, FIXTURES
 
+from conftest import DATA, FIXTURES
 from minituner.batching import pad_collate
 from minituner.corpus import build_blocks, document_tokens, paragraphs, read_documents, sample_prompts, split_documents
 from minituner.errors import UserError

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from conftest import DATA
 
+from conftest import DATA
 from minituner.datafile import split_validation
 from minituner.errors import UserError
 from minituner.formats import read_conversations

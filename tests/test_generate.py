@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import FIXTURES, reference
 
+from conftest import FIXTURES, reference
 from minituner.errors import UserError
 from minituner.generate import generate, generate_text, main, next_token
 from minituner.hf.folder import load_pretrained

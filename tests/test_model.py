@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, FIXTURES, reference
 
+from conftest import CHECKPOINTS, FIXTURES, reference
 from minituner.config import ModelConfig
 from minituner.generate import generate
 from minituner.hf.folder import load_pretrained

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from toy_train import build_model
 
 from minituner.loss import IGNORE_INDEX, lm_loss_sum, target_count
 from minituner.optim import clip_grads_, grad_norm, lr_at, param_groups
+from toy_train import build_model
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():

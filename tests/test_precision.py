@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-from toy_train import build_model, collate, make_examples
 
 import minituner.precision as precision
 from minituner.distributed import Runtime
@@ -11,6 +10,7 @@ from minituner.errors import UserError
 from minituner.optim import build_optimizer
 from minituner.precision import LossScaler, MasterWeights, compute_dtype
 from minituner.step import train_step
+from toy_train import build_model, collate, make_examples
 
 CPU = Runtime(torch.device("cpu"))
 

@@ -2,8 +2,8 @@ import json
 from itertools import groupby
 
 import pytest
-from conftest import DATA, FIXTURES, sentencepiece_like
 
+from conftest import DATA, FIXTURES, sentencepiece_like
 from minituner.errors import UserError
 from minituner.formats import read_conversations
 from minituner.hf.tokenizer import load_tokenizer

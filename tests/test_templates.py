@@ -1,20 +1,10 @@
 import pytest
-from conftest import FIXTURES
 
+from conftest import FIXTURES
 from minituner.errors import UserError
 from minituner.hf.tokenizer import load_tokenizer
-from minituner.templates import (
-    CONTENT,
-    EOS,
-    MARKUP,
-    TEMPLATES,
-    Segment,
-    check_template,
-    default_template,
-    generation_prompt,
-    render,
-    stop_ids,
-)
+from minituner.templates import (CONTENT, EOS, MARKUP, TEMPLATES, Segment, check_template, default_template,
+                                 generation_prompt, render, stop_ids)
 from minituner.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "Be kind."}

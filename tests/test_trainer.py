@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import toy_train
 from safetensors.torch import load_file
 
-from minituner.atomic import write_json
-from minituner.batching import micro_batches, step_examples
+import toy_train
+from conftest import max_diff
 from minituner.distributed import Runtime, resolve_device
 from minituner.errors import UserError
-from minituner.loss import IGNORE_INDEX
 from minituner.optim import lr_at
-from minituner.precision import LossScaler, MasterWeights
-from minituner.runfolder import read_run_config
-from minituner.step import evaluate, train_step
+from minituner.step import evaluate
 from minituner.trainer import TrainOptions, train
 
 CPU = Runtime(torch.device("cpu"))
@@ -39,11 +35,6 @@ def final_weights(run_dir) -> dict:
     return load_file(newest / "trainable.safetensors")
 
 
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def run_toy(tmp_path, name, *args) -> Path:
     out = tmp_path / name
     assert toy_train.main(["--out", str(out), *args]) == 0
@@ -51,54 +42,7 @@ def run_toy(tmp_path, name, *args) -> Path:
 
 
 # ----------------------------------------------------------------------------- loss averaging
-def sgd_update(batches) -> dict:
-    """The weight change of one step with SGD(lr=1), i.e. minus the step's gradient."""
-    model = toy_train.build_model(0)
-    masters = MasterWeights(model, torch.float32)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.SGD(masters.masters, lr=1.0)
-    train_step(model, batches, masters=masters, optimizer=optimizer, scaler=LossScaler(enabled=False), lr=1.0,
-               max_grad_norm=0.0, runtime=CPU)
-    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
-
-
-def test_step_gradient_does_not_depend_on_the_micro_batch_split():
-    examples = toy_train.make_examples(4, seed=3)  # lengths differ, so per-micro-batch means would differ
-    assert len({len(e["input_ids"]) for e in examples}) > 1
-    whole = sgd_update([toy_train.collate(examples)])
-    for size in (1, 2):
-        split = sgd_update([toy_train.collate(examples[i:i + size]) for i in range(0, 4, size)])
-        assert max_diff(whole, split) < 1e-6
-
-
-def test_mean_of_micro_batch_means_would_differ():
-    """The test above is sensitive: averaging per-micro-batch means changes the gradient."""
-    examples = toy_train.make_examples(4, seed=3)
-    whole = sgd_update([toy_train.collate(examples)])
-    per_example = [sgd_update([toy_train.collate([e])]) for e in examples]
-    mean_of_means = {k: sum(u[k] for u in per_example) / 4 for k in whole}
-    assert max_diff(whole, mean_of_means) > 1e-4
-
-
 # ----------------------------------------------------------------------------- batch semantics
-def test_a_step_has_the_same_examples_however_it_is_split():
-    lengths = [i % 7 for i in range(40)]
-    for step in range(12):  # crosses epoch boundaries (40 // 8 = 5 steps per epoch)
-        indices = step_examples(step, n_examples=40, global_batch=8, seed=5)
-        for world, batch, accum in [(1, 8, 1), (1, 2, 4), (2, 4, 1), (2, 1, 4), (4, 2, 1)]:
-            parts = [mb for r in range(world) for mb in micro_batches(indices, lengths, rank=r, batch_size=batch,
-                                                                    grad_accum=accum)]
-            assert all(len(mb) == batch for mb in parts)
-            assert sorted(i for mb in parts for i in mb) == sorted(indices)
-
-
-def test_an_epoch_sees_each_example_once_and_epochs_reshuffle():
-    epoch0 = [i for s in range(5) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
-    epoch1 = [i for s in range(5, 10) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
-    assert sorted(epoch0) == sorted(epoch1) == list(range(40))
-    assert epoch0 != epoch1
-
-
 def test_4x1_2x2_1x4_train_the_same_model(tmp_path):
     runs = [run_toy(tmp_path, f"b{b}a{a}", "--steps", "6", "--batch-size", str(b), "--grad-accum", str(a))
             for b, a in [(4, 1), (2, 2), (1, 4)]]
@@ -106,6 +50,7 @@ def test_4x1_2x2_1x4_train_the_same_model(tmp_path):
     assert max_diff(final_weights(runs[0]), final_weights(runs[2])) < 1e-5
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     single = run_toy(tmp_path, "single", "--steps", "5", "--batch-size", "4", "--eval-every", "5")
     env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
@@ -184,6 +129,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     assert max_diff(final_weights(stopped), final_weights(straight)) == 0.0
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_from_the_last_periodic_checkpoint(tmp_path):
     args = ["--steps", "8", "--save-every", "3", "--n-val", "0"]
     straight = run_toy(tmp_path, "straight", *args)
@@ -301,6 +247,7 @@ def test_resume_with_other_steps_is_a_user_error(tmp_path, capsys):
     assert "started with total_steps = 4, this one has 6" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_can_start_over(tmp_path):
     """Early stopping writes best-000000 at the step-0 evaluation; the dead run still has no
     resumable checkpoint, so it must be possible to start it over."""
@@ -313,6 +260,7 @@ def test_a_run_killed_before_its_first_checkpoint_can_start_over(tmp_path):
     assert len(losses(tmp_path / "run")) == 6
 
 
+@pytest.mark.slow
 def test_resume_with_early_stopping_after_kill_9_matches_the_straight_run(tmp_path):
     """Killed in step 7, after the evaluation at step 6 wrote a best checkpoint that the newest
     resumable checkpoint (step 4) knows nothing of: the resumed run must redo steps 5-7 and end
@@ -352,22 +300,6 @@ def test_a_failed_evaluation_keeps_the_trained_step(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
 
 
-def test_a_new_run_refuses_a_folder_of_other_files(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(UserError, match=r"not a minituner run folder \(it holds config.json, model.safetensors\)"):
-        train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
-              options=TrainOptions(steps=2), runtime=CPU, run_dir=tmp_path, progress=False)
-    assert (tmp_path / "config.json").read_text() == "{}"
-
-
-def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
-    run_toy(tmp_path, "run", "--steps", "2")
-    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
-        train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
-              options=TrainOptions(steps=2), runtime=CPU, run_dir=tmp_path / "run", progress=False)
-
-
 def test_bad_options_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="--device tpu"):
         resolve_device("tpu")
@@ -397,31 +329,3 @@ def test_frozen_model_empty_validation_and_negative_seed_are_user_errors(tmp_pat
         train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate,
               options=TrainOptions(patience=2), runtime=CPU, run_dir=tmp_path / "c",
               val_set=toy_train.make_examples(4, 1), progress=False)
-
-
-def test_json_files_hold_no_inf_or_nan(tmp_path):
-    write_json(tmp_path / "s.json", {"loss": float("nan"), "norm": float("inf"), "out": tmp_path, "n": [1.0, -math.inf]})
-
-    def refuse(constant):
-        raise ValueError(constant)
-    data = json.loads((tmp_path / "s.json").read_text(), parse_constant=refuse)  # strict JSON
-    assert data == {"loss": None, "norm": None, "out": str(tmp_path), "n": [1.0, None]}
-
-
-def test_read_run_config(tmp_path):
-    out = run_toy(tmp_path, "run", "--steps", "2", "--n-val", "0")
-    assert read_run_config(out)["steps"] == 2
-    with pytest.raises(UserError, match="no such folder"):
-        read_run_config(tmp_path / "missing")
-    with pytest.raises(UserError, match="not a run folder"):
-        read_run_config(tmp_path)
-
-
-def test_all_masked_step_is_refused():
-    model = toy_train.build_model(0)
-    masters = MasterWeights(model, torch.float32)
-    batch = toy_train.collate(toy_train.make_examples(2, 0))
-    batch["labels"].fill_(IGNORE_INDEX)
-    with pytest.raises(UserError, match="no target tokens"):
-        train_step(model, [batch], masters=masters, optimizer=torch.optim.SGD(masters.masters, lr=1.0),
-                   scaler=LossScaler(enabled=False), lr=1.0, max_grad_norm=1.0, runtime=CPU)

@@ -30,7 +30,7 @@ from minituner.batching import pad_collate
 from minituner.corpus import build_blocks, read_documents, split_documents
 from minituner.distributed import Runtime
 from minituner.errors import UserError, read_json, run_command
-from minituner.experiment import builtin, synth
+from minituner.experiment import builtin
 from minituner.experiment.scoring import cloze_accuracy, exact_match, read_cloze, spread
 from minituner.formats import read_conversations
 from minituner.hf.folder import load_pretrained

@@ -19,7 +19,7 @@ Three sets, each with the role it plays for a real model:
             three wordings across documents; plus cloze questions in the fourth wording, which
             no document uses for that fact.
 
-Why this design lets a tiny model learn (see the README's built-in experiment):
+Why this design lets a tiny model learn (see minituner/experiment/README.md):
   - The tokenizer is byte-level with no merges (vocabulary 256 bytes + 3 special tokens), so
     reversing, upper-casing and counting are operations on visible tokens; with BPE, "lamp" is
     one token and its letters are hidden from a 1.8 M-parameter model.

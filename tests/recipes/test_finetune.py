@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from safetensors.torch import load_file
 
+from conftest import DATA, FIXTURES, StopAfterTwoSteps
 from minituner import trainer
 from minituner.generate import generate_text
 from minituner.hf.folder import load_pretrained

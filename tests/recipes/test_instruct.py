@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, FIXTURES, ROOT, StopAfterTwoSteps
 from safetensors.torch import load_file
 
+from conftest import DATA, FIXTURES, ROOT, StopAfterTwoSteps
 from minituner import trainer
 from minituner.hf.folder import load_pretrained
 from minituner.hf.peft import load_adapter
@@ -138,6 +138,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, data, capsys, flags, messag
     assert "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.slow
 def test_real_sharegpt_file_under_torchrun(tmp_path):
     """Two gloo processes: one run folder, written once, from a real ShareGPT file and the chatml template."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, FIXTURES
 
+from conftest import CHECKPOINTS, FIXTURES
 from minituner.config import ModelConfig
 from minituner.errors import UserError
 from minituner.hf.config import from_hf_config, to_hf_config

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, StopAfterTwoSteps
 
+from conftest import ROOT, StopAfterTwoSteps
 from minituner import trainer
 from minituner.experiment import builtin, compare, synth
 from minituner.generate import greedy_texts
@@ -30,7 +30,7 @@ def test_shipped_base_is_small_loads_and_knows_its_corpus():
     size = sum(f.stat().st_size for f in builtin.BASE_MODEL.iterdir())
     assert size <= 10 * 2**20
     model, tokenizer = load_pretrained(builtin.BASE_MODEL)
-    assert tokenizer.vocab_size == 259  # bytes and three special tokens: see minituner/synth.py
+    assert tokenizer.vocab_size == 259  # bytes and three special tokens: see minituner/experiment/synth.py
     # the general corpus states every pair of opposites: the base continues them (greedy)
     prompts = [tokenizer.encode_text(f"The opposite of {a} is") for a, _ in synth.OPPOSITES]
     texts = greedy_texts(model, tokenizer, prompts, [tokenizer.eos_id], 10)
@@ -38,6 +38,7 @@ def test_shipped_base_is_small_loads_and_knows_its_corpus():
     assert right >= 0.8 * len(synth.OPPOSITES), texts
 
 
+@pytest.mark.slow
 def test_train_instruct_with_no_arguments_runs_the_builtin_experiment(tmp_path, capsys):
     out = tmp_path / "run"
     assert train_instruct.main(["--out", str(out), *QUICK]) == 0
@@ -56,6 +57,7 @@ def test_train_instruct_with_no_arguments_runs_the_builtin_experiment(tmp_path, 
     assert (out / "model" / "chat_template.jinja").is_file() and (out / "adapter").is_dir()
 
 
+@pytest.mark.slow
 def test_train_finetune_with_no_arguments_runs_the_builtin_experiment(tmp_path, capsys):
     out = tmp_path / "run"
     assert train_finetune.main(["--out", str(out), *QUICK]) == 0
@@ -67,6 +69,7 @@ def test_train_finetune_with_no_arguments_runs_the_builtin_experiment(tmp_path, 
     assert "cloze accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_builtin_run_resumes_from_its_own_data(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as m:
@@ -78,6 +81,7 @@ def test_builtin_run_resumes_from_its_own_data(tmp_path, monkeypatch):
     assert summary(out)["steps"] == 4 and (out / "data" / "domain.txt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_builtin_run_keeps_the_users_evaluation_files_and_data_folder(tmp_path, capsys):
     cloze = tmp_path / "mine.jsonl"
     cloze.write_text(json.dumps({"prompt": "The opposite of hot is", "answer": "cold"}) + "\n")
@@ -103,6 +107,7 @@ def test_a_half_given_pair_is_still_an_error(tmp_path, capsys):
     assert "give --base and --data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "compare"
@@ -120,6 +125,7 @@ def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("pip") is None and not (Path(sys.executable).parent / "pip").exists(),
                     reason="needs pip")
+@pytest.mark.slow
 def test_non_editable_install_ships_the_base_model_and_the_scripts(tmp_path):
     setuptools = pytest.importorskip("setuptools")
     if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):

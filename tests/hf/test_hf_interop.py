@@ -4,8 +4,8 @@ dependency: pip install transformers peft && pytest tests/test_hf_interop.py"""
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, FIXTURES, reference, sentencepiece_like
 
+from conftest import CHECKPOINTS, FIXTURES, reference, sentencepiece_like
 from minituner.config import ModelConfig
 from minituner.hf.folder import load_pretrained, save_pretrained
 from minituner.hf.peft import load_adapter, save_adapter
