@@ -27,7 +27,7 @@ import bisect
 import numpy as np
 import torch
 
-from minituner.errors import OptionError, UserError
+from minituner.errors import OptionError
 from minituner.loss import IGNORE_INDEX
 
 MIN_ROW = 3  # tokens a training row needs at least: a document cut into rows keeps a target in each (corpus._spans)
@@ -36,8 +36,9 @@ MIN_ROW = 3  # tokens a training row needs at least: a document cut into rows ke
 # ----------------------------------------------------------------------------- which examples, where
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     if n_examples < global_batch:
-        raise UserError(f"the training set has {n_examples} examples, fewer than one step's "
-                        f"{global_batch} (batch size x grad accum x processes); lower --batch-size or --grad-accum")
+        raise OptionError("batch_size", f"x grad_accum x processes is {global_batch}, more than the training set's "
+                                        f"{n_examples} examples: there is not one step's worth; lower them",
+                          related=("grad_accum",))
     return n_examples // global_batch
 
 

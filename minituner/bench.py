@@ -26,7 +26,7 @@ from minituner.distributed import Runtime, peak_memory_mib, resolve_device, sync
 from minituner.errors import UserError, run_command
 from minituner.generate import generate, resolve_dtype
 from minituner.hf.folder import load_pretrained
-from minituner.lora import apply_lora
+from minituner.lora import ALPHA, apply_lora
 from minituner.loss import IGNORE_INDEX
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
@@ -147,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0,
                    help="adapt the usual targets (q/k/v/o, gate/up/down) with LoRA of this rank before measuring, "
                         "base frozen and adapters unmerged (0 = no LoRA)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / rank")
+    p.add_argument("--lora-alpha", type=float, default=ALPHA, help="LoRA alpha; the update is scaled by alpha / rank")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES], help="auto = bf16 on CUDA, fp32 on CPU")

@@ -123,7 +123,7 @@ def _record_text(record, field: str) -> str:
     if not isinstance(record, dict):
         raise UserError(f"expected a JSON object, found {type_name(record)}")
     if field not in record:
-        raise UserError(f'field "{field}" is missing (use --text-field to name another)')
+        raise UserError(f'field "{field}" is missing (name the field that holds the text: text_field, --text-field)')
     value = record[field]
     if not isinstance(value, str):
         raise UserError(f'field "{field}" should be a string, found {type_name(value)}')

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minituner.errors import UserError
+from minituner.errors import OptionError, UserError
 
 _BUCKET_ELEMENTS = 2**24  # gradients are summed in flat buckets of up to 64 MiB of float32
 
@@ -39,14 +39,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise OptionError("device", f"{name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: minituner runs on cpu or cuda")
+        raise OptionError("device", f"{name}: minituner runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
+        raise OptionError("device", f"{name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                        f"numbered from cuda:0")
+        raise OptionError("device", f"{name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                    "numbered from cuda:0")
     return device
 
 

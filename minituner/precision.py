@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minituner.errors import UserError
+from minituner.errors import OptionError, UserError
 
 POLICIES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,18 +32,18 @@ POLICIES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16
 def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
     """The compute dtype of `policy`, after checking `device` can train in it."""
     if policy not in POLICIES:
-        raise UserError(f"--precision {policy}: unknown; choose one of {', '.join(POLICIES)}")
+        raise OptionError("precision", f"{policy!r}: must be one of {', '.join(POLICIES)}")
     dtype = POLICIES[policy]
     native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
     if dtype == torch.bfloat16 and not native_bf16:  # pre-Ampere GPUs only emulate it, slowly
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                        "use --precision fp16 or fp32")
+        raise OptionError("precision", f"bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                                       "use fp16 or fp32")
     if dtype != torch.float32:
         try:
             _probe(dtype, device)
         except (RuntimeError, NotImplementedError) as e:
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"--precision {policy}: {device} cannot train in {dtype} ({first_line})") from None
+            raise OptionError("precision", f"{policy}: {device} cannot train in {dtype} ({first_line})") from None
     return dtype
 
 
@@ -170,7 +170,7 @@ class LossScaler:
             if self.scale < self.min_scale:
                 raise UserError(f"fp16 loss scale fell to {self.scale:.3g}, below its floor {self.min_scale:.3g}: "
                                 "the gradients overflow however small the scale, so the model overflows in fp16 "
-                                "or has diverged; use --precision bf16 or fp32, or a lower --lr")
+                                "or has diverged; train in bf16 or fp32, or with a lower learning rate")
             return
         self.good_steps += 1
         if self.good_steps == self.growth_interval:

@@ -230,7 +230,7 @@ def check_template(template: str, tokenizer) -> None:
     for token in SPECIAL_TOKENS[template]:
         if not _is_single_token(tokenizer, token):
             raise UserError(f'the {template} template needs "{token}" as one token, and this tokenizer has none; '
-                            "use --template alpaca (minituner does not add tokens to a model)")
+                            "use the alpaca template (minituner does not add tokens to a model)")
     if END_TOKEN[template] is None and tokenizer.eos_id is None:
         raise UserError(f"the {template} template ends each response with the EOS token, and this tokenizer has "
                         "none; set eos_token in the model's tokenizer_config.json")

@@ -111,7 +111,7 @@ def test_undecodable_bytes_name_the_line(tmp_path):
 
 def test_missing_field_names_the_line_and_the_flag(tmp_path):
     path = write(tmp_path, "data.jsonl", jsonl({"text": "a"}, {"content": "b"}))
-    assert error_of(path) == f'{path}:2: field "text" is missing (use --text-field to name another)'
+    assert error_of(path) == f'{path}:2: field "text" is missing (name the field that holds the text: text_field, --text-field)'
 
 
 def test_field_not_a_string(tmp_path):
@@ -150,7 +150,7 @@ def test_skip_bad_counts_records_and_quotes_the_first_reasons(tmp_path):
     docs, report = read_documents(path, skip_bad=True)
     assert docs == ["one", "two"]
     assert (report["documents"], report["skipped_bad"], len(report["reasons"])) == (2, 4, 3)
-    assert report["reasons"][0] == f'{path}:2: field "text" is missing (use --text-field to name another)'
+    assert report["reasons"][0] == f'{path}:2: field "text" is missing (name the field that holds the text: text_field, --text-field)'
     assert report["warnings"] == [f"{path}: skipped 4 bad record(s) ({'; '.join(report['reasons'])})"]
 
 

@@ -17,7 +17,7 @@ import torch
 
 from minituner.config import ModelConfig
 from minituner.distributed import init_runtime, shutdown
-from minituner.errors import UserError
+from minituner.errors import run_command
 from minituner.loss import IGNORE_INDEX
 from minituner.model import Transformer
 from minituner.trainer import TrainOptions, train
@@ -89,26 +89,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        runtime = init_runtime(args.device)
-        options = TrainOptions(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                               warmup_steps=args.warmup_steps, precision=args.precision, eval_every=args.eval_every,
-                               save_every=args.save_every, patience=args.patience, seed=args.seed,
-                               max_grad_norm=args.max_grad_norm, init_scale=args.init_scale)
-        model = build_model(args.seed, args.freeze)
-        val = make_examples(args.n_val, seed=1000 + args.seed) if args.n_val else None
-        summary = train(model, make_examples(args.n_train, seed=args.seed),
-                        signalling_collate(args.kill_at, args.term_at), options=options, runtime=runtime,
-                        run_dir=args.out, val_set=val, resume=args.resume, run_config=vars(args), progress=False)
-        shutdown(runtime)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runtime = init_runtime(args.device)
+    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                           warmup_steps=args.warmup_steps, precision=args.precision, eval_every=args.eval_every,
+                           save_every=args.save_every, patience=args.patience, seed=args.seed,
+                           max_grad_norm=args.max_grad_norm, init_scale=args.init_scale)
+    model = build_model(args.seed, args.freeze)
+    val = make_examples(args.n_val, seed=1000 + args.seed) if args.n_val else None
+    summary = train(model, make_examples(args.n_train, seed=args.seed), signalling_collate(args.kill_at, args.term_at),
+                    options=options, runtime=runtime, run_dir=args.out, val_set=val, resume=args.resume,
+                    run_config=vars(args), progress=False)
+    shutdown(runtime)
     if runtime.is_main:
         print(json.dumps(summary))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

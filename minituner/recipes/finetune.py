@@ -158,7 +158,7 @@ def run(argv=None) -> int:
         general_docs, report = read_documents(args.general_eval, text_field=args.text_field, skip_bad=args.skip_bad)
         for line in report["warnings"]:
             say(f"warning: {line}")
-        extra["general"] = blocks(general_docs)[0]
+        extra["general"] = blocks(spread(general_docs, args.eval_limit))[0]
     share = real_token_share(train_set, options, runtime.world_size) if args.layout == "rows" else None
     if share is not None:
         say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")

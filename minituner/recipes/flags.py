@@ -64,7 +64,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0 = at the end only)")
     g.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="how many step checkpoints to keep")
     g.add_argument("--eval-limit", type=int, default=0,
-                   help="score at most N items of each --eval-exact / --cloze set, spread over it (0 = all)")
+                   help="score at most N items of each --eval-exact, --cloze or --general-eval set, spread over "
+                        "it (0 = all; validation data is always whole)")
     g = p.add_argument_group("hardware")
     g.add_argument("--precision", choices=["auto", *POLICIES], default="auto",
                    help="compute dtype; weights and optimizer stay fp32 (auto = bf16 on CUDA, fp32 on CPU)")

@@ -1,7 +1,6 @@
-"""The built-in experiment: the shipped base model (also after a non-editable install), both
-scripts with no arguments, on a cut-down budget, and the comparison."""
+"""The built-in experiment: the shipped base model (also after a non-editable install), and both
+scripts with no arguments on a cut-down budget (the comparison: test_compare.py)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 
 from conftest import ROOT, StopAfterTwoSteps
 from minituner import trainer
-from minituner.experiment import builtin, compare, synth
+from minituner.experiment import builtin, synth
 from minituner.generate import greedy_texts
 from minituner.hf.folder import load_pretrained
 from minituner.recipes import finetune as train_finetune
@@ -96,7 +95,7 @@ def test_builtin_run_keeps_the_users_evaluation_files_and_data_folder(tmp_path, 
     # a mistake found after the data was written: the same --out works once it is corrected
     retry = tmp_path / "retry"
     assert train_instruct.main(["--out", str(retry), "--batch-size", "100000", *QUICK]) == 2
-    assert "fewer than one step" in capsys.readouterr().err
+    assert "there is not one step's worth" in capsys.readouterr().err
     assert (retry / "data" / "train.jsonl").is_file()
     assert train_instruct.main(["--out", str(retry), *QUICK]) == 0
 
@@ -105,22 +104,6 @@ def test_a_half_given_pair_is_still_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_instruct.main(["--data", "x.jsonl", "--out", str(tmp_path / "r")])
     assert "give --base and --data" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = tmp_path / "compare"
-    assert compare.main(["--out", str(out), "--scale", "0.005", "--eval-limit", "10"]) == 0
-    text = (out / "comparison.md").read_text()
-    for claim in "abcdefgh":
-        assert f"| ({claim}) " in text
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["scores"]) == {"base", "instruct-lora", "instruct-full", "finetune", "finetune-instruct"}
-    lora, full = results["runs"]["instruct-lora"], results["runs"]["instruct-full"]
-    assert lora["trainable_params"] < full["trainable_params"] / 5
-    assert results["runs"]["overfit"]["restored_best"] in (True, False)
-    assert (out / "loss_curves.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 @pytest.mark.skipif(shutil.which("pip") is None and not (Path(sys.executable).parent / "pip").exists(),

@@ -182,16 +182,24 @@ def test_a_finished_run_replaces_its_own_export_but_not_one_changed_since(tmp_pa
     assert snapshot(out / "adapter") == before
 
 
-def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path, alpaca, monkeypatch):
+def test_a_run_folder_from_before_the_marker_still_resumes(tmp_path):
+    """tests/fixtures/legacy-run was written by minituner before run.json existed: resumed with
+    today's code it is adopted (run.json, adopted) and ends exactly as a run started today."""
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURES / "legacy-run", old, ignore=shutil.ignore_patterns("alpaca.json", "make.py", "README.md"))
+    data = shutil.copy(FIXTURES / "legacy-run" / "alpaca.json", tmp_path / "alpaca.json")
+    config = json.loads((old / "config.json").read_text())
+    config.update(base=str(BASE), data=str(data))  # it was made elsewhere
+    (old / "config.json").write_text(json.dumps(config))
+    assert not (old / MARKER).exists()
+    assert train_instruct.main(["--resume", str(old), "--no-progress"]) == 0
+    assert read_marker(old)["adopted"] is True and (old / "model").is_dir()
     straight = tmp_path / "straight"
-    assert train_instruct.main(["--base", str(BASE), "--data", str(alpaca), "--out", str(straight), "--steps", "4",
-                                *INSTRUCT]) == 0
-    out = tmp_path / "old"
-    interrupted(out, alpaca, monkeypatch)
-    (out / MARKER).unlink()  # as an earlier minituner left it
-    assert train_instruct.main(["--resume", str(out), "--no-progress"]) == 0
-    assert read_marker(out)["adopted"] is True
-    a = load_checkpoint(out / "checkpoints" / "step-000004")["weights"]
+    flags = ["--template", "chatml", "--batch-size", "4", "--max-len", "64", "--samples", "1",
+             "--max-new-tokens", "4", "--no-progress"]
+    assert train_instruct.main(["--base", str(BASE), "--data", str(data), "--out", str(straight),
+                                "--steps", "4", *flags]) == 0
+    a = load_checkpoint(old / "checkpoints" / "step-000004")["weights"]
     b = load_checkpoint(straight / "checkpoints" / "step-000004")["weights"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
