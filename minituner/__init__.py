@@ -1,33 +1,39 @@
 """minituner: instruction tuning and fine-tuning of pretrained language models, every mechanic
 written out in plain PyTorch. The README's map gives the order in which to read the modules.
 
-The public API (everything a script needs; each name documented where it is defined):
+The public API (each name documented where it is defined):
 
     model, tokenizer = minituner.load_pretrained("SmolLM2-135M")   # a Hugging Face folder
     minituner.apply_lora(model, rank=8, alpha=16)                    # or load_adapter(model, PEFT_DIR)
-    summary = minituner.train(model, examples, collate, options=minituner.TrainOptions(steps=100),
+    summary = minituner.train(model, examples, minituner.pad_collate, options=minituner.TrainOptions(steps=100),
                               runtime=minituner.Runtime(torch.device("cpu")), run_dir="runs/x")
     minituner.save_adapter(model, "adapter/")
     minituner.save_pretrained(minituner.merge_and_unload(model), tokenizer, "model/")
+
+The names are imported when first used, so that `import minituner.<module>` (and
+`python -m minituner.generate`) loads only what that module needs.
 """
 
-__version__ = "0.1.0"  # before the imports below: minituner.runfolder reads it while they run
+import importlib
 
-from minituner.batching import pack, pad_collate  # noqa: E402
-from minituner.config import ModelConfig  # noqa: E402
-from minituner.distributed import Runtime, init_runtime  # noqa: E402
-from minituner.errors import UserError  # noqa: E402
-from minituner.generate import generate_text  # noqa: E402
-from minituner.hf.folder import load_pretrained, save_pretrained  # noqa: E402
-from minituner.hf.peft import load_adapter, save_adapter  # noqa: E402
-from minituner.hf.tokenizer import load_tokenizer, save_tokenizer  # noqa: E402
-from minituner.lora import apply_lora, merge_and_unload  # noqa: E402
-from minituner.loss import IGNORE_INDEX, lm_loss_sum  # noqa: E402
-from minituner.model import Transformer  # noqa: E402
-from minituner.tokenizer import Tokenizer  # noqa: E402
-from minituner.trainer import TrainOptions, train  # noqa: E402
+__version__ = "0.1.0"
 
-__all__ = ["IGNORE_INDEX", "ModelConfig", "Runtime", "TrainOptions", "Tokenizer", "Transformer", "UserError",
-           "apply_lora", "generate_text", "init_runtime", "lm_loss_sum", "load_adapter",
-           "load_pretrained", "load_tokenizer", "merge_and_unload", "pack", "pad_collate", "save_adapter",
-           "save_pretrained", "save_tokenizer", "train"]
+_PUBLIC = {  # name: the module that defines it
+    "IGNORE_INDEX": "loss", "lm_loss_sum": "loss", "ModelConfig": "config", "Transformer": "model",
+    "Tokenizer": "tokenizer", "apply_lora": "lora", "merge_and_unload": "lora", "pack": "batching",
+    "pad_collate": "batching", "TrainOptions": "trainer", "train": "trainer", "Runtime": "distributed",
+    "init_runtime": "distributed", "generate_text": "generate", "UserError": "errors",
+    "load_pretrained": "hf.folder", "save_pretrained": "hf.folder", "load_adapter": "hf.peft",
+    "save_adapter": "hf.peft", "load_tokenizer": "hf.tokenizer", "save_tokenizer": "hf.tokenizer",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'minituner' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"minituner.{_PUBLIC[name]}"), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

@@ -156,8 +156,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.batch_size, args.prompt_len, args.repeats) < 1 or args.new_tokens < 2:
         p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
-    if args.lora_rank < 0 or args.lora_alpha <= 0:
-        p.error("--lora-rank must be >= 0 and --lora-alpha > 0")
     if args.lora_rank and args.freeze:
         p.error("--freeze and --lora-rank exclude each other: LoRA freezes every base weight")
     return args
@@ -179,8 +177,8 @@ def run(argv=None) -> int:
     if model.config.positions == "learned" and args.prompt_len + args.new_tokens > model.config.max_seq_len:
         raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
                         f"{model.config.max_seq_len} positions")
-    if args.lora_rank:
-        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # freezes everything but the adapters
+    if args.lora_rank != 0:
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # checks them; freezes all but the adapters
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if args.train:
@@ -205,7 +203,7 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_command(run, argv)
+    return run_command(run, argv, {"rank": "--lora-rank", "alpha": "--lora-alpha"})
 
 
 if __name__ == "__main__":

@@ -55,11 +55,11 @@ def latest_checkpoint(run_dir) -> Path:
     """The newest complete step checkpoint of `run_dir` (a UserError if it has none)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"--resume {run_dir}: no such folder")
+        raise UserError(f"{run_dir}: no such run folder to resume")
     found = list_checkpoints(run_dir)
     if not found:
-        raise UserError(f"--resume {run_dir}: the run has no checkpoint to resume from "
-                        f"(none in {run_dir / CHECKPOINTS}); start it over without --resume")
+        raise UserError(f"{run_dir}: the run has no checkpoint to resume from "
+                        f"(none in {run_dir / CHECKPOINTS}); start it over instead")
     return found[-1]
 
 
@@ -74,7 +74,7 @@ def load_latest_readable(run_dir) -> tuple[Path, dict, list[tuple[Path, str]]]:
         except UserError as e:
             skipped.append((path, str(e)))
     reasons = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
-    raise UserError(f"--resume {run_dir}: no checkpoint in {Path(run_dir) / CHECKPOINTS} can be read ({reasons})")
+    raise UserError(f"{run_dir}: no checkpoint in {Path(run_dir) / CHECKPOINTS} can be read ({reasons})")
 
 
 def set_aside(path: Path) -> Path:
@@ -214,11 +214,11 @@ def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runt
         path = run_dir / CHECKPOINTS / chosen
         ckpt = load_checkpoint(path)
     saved = ckpt["state"]
-    for key, value in trajectory.items():
-        if saved.get("trajectory", {}).get(key) != value:
-            raise UserError(f"{path}: the run was started with {key} = {saved.get('trajectory', {}).get(key)}, this "
-                            f"one has {value}; resume with the run's own options (its config.json), or the steps "
-                            "would not continue it")
+    started = saved.get("trajectory", {})
+    for key, value in trajectory.items():  # (a key an older minituner did not record is not checked)
+        if key in started and started[key] != value:
+            raise UserError(f"{path}: the run was started with {key} = {started[key]}, this one has {value}; "
+                            "resume with the run's own options (its config.json), or the steps would not continue it")
     masters.load_state_dict(ckpt["weights"], source=str(path))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])

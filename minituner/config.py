@@ -86,8 +86,8 @@ def preset_config(name: str, *, vocab_size: int, max_seq_len: int, **overrides) 
     fields = {**SIZE_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, tie_embeddings=True, **fields)
-    except ValueError as e:  # ModelConfig names its fields; the flags are --dim, --n-heads, ...
-        raise UserError(f"model shape ({name} with --dim/--n-layers/--n-heads/--n-kv-heads/--ffn-dim): {e}") from None
+    except ValueError as e:  # ModelConfig names the field (dim, n_heads, ...)
+        raise UserError(f"model shape (preset {name}, with the overrides given): {e}") from None
 
 
 def _require(condition: bool, message: str) -> None:

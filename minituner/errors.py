@@ -10,6 +10,7 @@ adds to json.loads.
 
 import errno
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -32,8 +33,8 @@ class OptionError(UserError):
         def flag(name):
             return flags.get(name, "--" + name.replace("_", "-"))
         problem = self.problem
-        for name in self.related:
-            problem = problem.replace(name, flag(name))
+        for name in self.related:  # whole words only
+            problem = re.sub(rf"\b{re.escape(name)}\b", flag(name), problem)
         return f"{flag(self.option)} {problem}"
 
 

@@ -133,7 +133,7 @@ def detect_format(where: str, record: dict) -> str:
         return "alpaca"
     keys = ", ".join(f'"{k}"' for k in record) or "none"
     raise UserError(f'{where}: cannot tell the data format from its keys ({keys}); expected "instruction" '
-                    '(alpaca), "messages" or "conversations" (sharegpt), or name the format (format=, --format)')
+                    '(alpaca), "messages" or "conversations" (sharegpt), or name the format explicitly')
 
 
 # ----------------------------------------------------------------------------- fields

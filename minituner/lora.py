@@ -175,6 +175,8 @@ def apply_lora(model: nn.Module, rank: int = RANK, alpha: float = ALPHA, targets
     Afterwards only lora_A/lora_B parameters require grad. Returns the adapted modules' names.
     """
     check_lora(rank, alpha, dropout)
+    if not tuple(targets):
+        raise OptionError("targets", "is empty: name at least one linear module, or all-linear")
     linears = linear_modules(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     # The default list names every attention and MLP projection of the Llama family; a model

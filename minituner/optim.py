@@ -15,6 +15,7 @@ from torch import nn
 # Peak learning rates that usually work, by what trains: adapters tolerate (and need) a larger
 # step than a pretrained model's full weights; random weights need larger steps still.
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5, "scratch": 1e-3}
+BETAS = (0.9, 0.999)  # AdamW's moment decay rates, torch's defaults
 
 
 def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: float,
@@ -29,7 +30,7 @@ def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: flo
 
 
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    betas: tuple[float, float] = BETAS, eps: float = 1e-8,
                     decay_embeddings: bool = False) -> torch.optim.AdamW:
     """torch's AdamW, fused into one kernel per step where the device supports it."""
     groups = param_groups(named_params, weight_decay, decay_embeddings)

@@ -29,10 +29,14 @@ from minituner.errors import OptionError, UserError
 POLICIES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of `policy`, after checking `device` can train in it."""
+def check_policy(policy: str) -> None:
     if policy not in POLICIES:
         raise OptionError("precision", f"{policy!r}: must be one of {', '.join(POLICIES)}")
+
+
+def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of `policy`, after checking `device` can train in it."""
+    check_policy(policy)
     dtype = POLICIES[policy]
     native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
     if dtype == torch.bfloat16 and not native_bf16:  # pre-Ampere GPUs only emulate it, slowly

@@ -36,7 +36,7 @@ from minituner import __version__
 from minituner.atomic import json_safe, write_json
 from minituner.checkpoint import CHECKPOINTS, list_checkpoints
 from minituner.distributed import Runtime, all_gather_object
-from minituner.errors import UserError, read_json
+from minituner.errors import OptionError, UserError, read_json
 
 try:
     import fcntl  # POSIX; without it (Windows) runs are not locked
@@ -98,8 +98,8 @@ def lock_run(run_dir) -> bool:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"{run_dir} is in use by a run that is still going ({holder}); wait for it, or choose "
-                        "another --out") from None
+        raise OptionError("run_dir", f"{shown(run_dir)} is in use by a run that is still going ({holder}); wait "
+                                     "for it, or choose another run folder") from None
     except OSError:  # a filesystem without locks: go on unlocked
         f.close()
         return False
@@ -116,6 +116,13 @@ def release_run(run_dir) -> None:
     f = _HELD.pop(Path(run_dir).resolve(), None)
     if f is not None:
         f.close()  # closing the file releases its flock
+
+
+def release_all() -> None:
+    """Let go of every run folder this process holds: a command that ends, but not its process
+    (a test, a notebook), leaves no lock behind, whatever stopped it."""
+    for key in list(_HELD):
+        release_run(key)
 
 
 def _in_use(run_dir: Path) -> bool:
@@ -151,10 +158,13 @@ def read_run_config(run_dir) -> dict:
     """The options saved in RUN/config.json, for `--resume RUN`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"--resume {shown(run_dir)}: no such folder")
+        raise UserError(f"{shown(run_dir)}: no such run folder to resume")
     config = read_json(run_dir / "config.json")
+    if config is None and read_marker(run_dir) is not None:
+        raise UserError(f"{shown(run_dir)}: the run stopped before it started training (no config.json); "
+                        "start it over instead")
     if config is None or (read_marker(run_dir) is None and not is_legacy_run(run_dir)):
-        raise UserError(f"--resume {shown(run_dir)}: not a run folder (it has no {MARKER} and no config.json "
+        raise UserError(f"{shown(run_dir)}: not a run folder to resume (it has no {MARKER}, and no config.json "
                         "with checkpoints)")
     return config
 
@@ -167,31 +177,34 @@ def check_new_run(run_dir) -> None:
     run_dir = Path(run_dir)
     for folder in (run_dir, *run_dir.parents):
         if folder.is_symlink() and not folder.exists():
-            raise UserError(f"{shown(run_dir)}: {shown(folder)} is a symbolic link to nothing; choose another --out")
+            raise OptionError("run_dir", f"{shown(run_dir)}: {shown(folder)} is a symbolic link to nothing; choose "
+                                         "another run folder")
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"{shown(run_dir)}: {shown(folder)} is a file, not a folder; choose another --out")
+            raise OptionError("run_dir", f"{shown(run_dir)}: {shown(folder)} is a file, not a folder; choose another "
+                                         "run folder")
     if not run_dir.exists() or not [p for p in run_dir.iterdir() if p.name != LOCK]:
         return
     if list_checkpoints(run_dir):
-        raise UserError(f"{shown(run_dir)} already holds a run; continue it with --resume {shown(run_dir)} "
-                        "or choose another --out")
+        raise OptionError("run_dir", f"{shown(run_dir)} already holds a run: resume it, or choose another run "
+                                     "folder")
     if read_marker(run_dir) is None:
-        raise UserError(f"{shown(run_dir)} is not empty and is not a minituner run folder (it holds "
-                        f"{_entries(run_dir)}); choose a new or empty folder")
+        raise OptionError("run_dir", f"{shown(run_dir)} is not empty and is not a minituner run folder (it holds "
+                                     f"{_entries(run_dir)}); choose a new or empty folder")
     if _in_use(run_dir):
-        raise UserError(f"{shown(run_dir)} is in use by a run that is still going; choose another --out")
+        raise OptionError("run_dir", f"{shown(run_dir)} is in use by a run that is still going; choose another "
+                                     "run folder")
     results = [name for name in RESULTS if (run_dir / name).exists()]
     if results:
-        raise UserError(f"{shown(run_dir)} holds a finished run's results ({', '.join(results)}); "
-                        "choose another --out")
+        raise OptionError("run_dir", f"{shown(run_dir)} holds a finished run's results ({', '.join(results)}); "
+                                     "choose another run folder")
 
 
 def check_outside_runs(run_dir) -> None:
     """A UserError if `run_dir` lies inside another run's folder (whose files are that run's)."""
     for parent in Path(run_dir).resolve().parents:
         if read_marker(parent) is not None or is_legacy_run(parent):
-            raise UserError(f"{shown(run_dir)} lies inside the run folder {shown(parent)} of another run; "
-                            "choose a folder outside it")
+            raise OptionError("run_dir", f"{shown(run_dir)} lies inside the run folder {shown(parent)} of another "
+                                         "run; choose a folder outside it")
 
 
 def begin_run(run_dir, *, script: str) -> bool:
@@ -240,7 +253,7 @@ def start_run_folder(run_dir, *, resume: bool, script: str, exports: tuple[str, 
     `exports` it will write (model, adapter) absent or its own; a run folder from before the
     marker gets one."""
     all_gather_object(None, runtime)  # a barrier: every rank has checked the folder before rank 0 takes it
-    if runtime.is_main:
+    if runtime.is_main and Path(run_dir).resolve() not in _HELD:  # (taken already: a second call is a no-op)
         if resume:
             lock_run(run_dir)
             adopt_legacy_run(run_dir, script=script)
@@ -254,17 +267,23 @@ def start_run_folder(run_dir, *, resume: bool, script: str, exports: tuple[str, 
 
 # ----------------------------------------------------------------------------- exports it owns
 def folder_fingerprint(folder: Path) -> dict:
-    """{file name: [size, sha256 of its first and last MiB]} of a folder's files: what was written
-    there, told by content (a copy of the folder has the same fingerprint) at little cost."""
+    """{path in the folder: [size, sha256 of its first and last MiB]} of every file below `folder`
+    (a subfolder is "folder"): what was written there, told by content (a copy of the folder has
+    the same fingerprint) at little cost."""
     out = {}
-    for p in sorted(Path(folder).iterdir()):
-        size, digest = p.stat().st_size, hashlib.sha256()
-        with open(p, "rb") as f:
-            digest.update(f.read(2**20))
-            if size > 2**21:
-                f.seek(size - 2**20)
-            digest.update(f.read(2**20))
-        out[p.name] = [size, digest.hexdigest()]
+    for p in sorted(Path(folder).rglob("*")):
+        name = str(p.relative_to(folder))
+        if p.is_dir() and not p.is_symlink():
+            out[name] = "folder"
+            continue
+        size, digest = p.lstat().st_size, hashlib.sha256()
+        if not p.is_symlink():
+            with open(p, "rb") as f:
+                digest.update(f.read(2**20))
+                if size > 2**21:
+                    f.seek(size - 2**20)
+                digest.update(f.read(2**20))
+        out[name] = [size, digest.hexdigest()]
     return out
 
 
@@ -275,9 +294,13 @@ def check_export_target(run_dir, name: str) -> Path:
     if not path.exists() and not path.is_symlink():
         return path
     recorded = ((read_marker(run_dir) or {}).get("exports") or {}).get(name) or []
-    if path.is_symlink() or not path.is_dir() or folder_fingerprint(path) not in recorded:
+    try:
+        ours = not path.is_symlink() and path.is_dir() and folder_fingerprint(path) in recorded
+    except OSError as e:  # a file in it that cannot be read is not one the run wrote
+        raise UserError(f"{shown(path)}: cannot be read ({e.strerror or e}); move it away, then resume the run") from None
+    if not ours:
         raise UserError(f"{shown(path)} exists and was not written by this run's export (it holds "
-                        f"{_entries(path) if path.is_dir() else 'a file'}); move it away, then --resume")
+                        f"{_entries(path) if path.is_dir() else 'a file'}); move it away, then resume the run")
     return path
 
 

@@ -184,7 +184,7 @@ def stop_ids(template: str, tokenizer) -> list[int]:
 
 # ----------------------------------------------------------------------------- the same, for Hugging Face
 # Each template as a Jinja chat template, so that an exported model's apply_chat_template writes
-# what it was trained on (checked against render() with transformers in tests/test_hf_interop.py).
+# what it was trained on (checked against render() with transformers in tests/hf/test_hf_interop.py).
 # Hugging Face messages have no Alpaca "input": a user message is its content.
 _JINJA = {
     "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

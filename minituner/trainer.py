@@ -39,8 +39,8 @@ from minituner.checkpoint import (CHECKPOINTS, checkpoint_path, list_checkpoints
                                   resume_run, save_run, write_checkpoint)
 from minituner.distributed import Runtime, all_reduce_sum_, broadcast_, peak_memory_mib, synchronize
 from minituner.errors import OptionError, UserError, read_json
-from minituner.optim import DEFAULT_LR, build_optimizer, lr_at
-from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
+from minituner.optim import BETAS, DEFAULT_LR, build_optimizer, lr_at
+from minituner.precision import LossScaler, MasterWeights, check_policy, compute_dtype
 from minituner.runfolder import MetricsLog, begin_run, check_new_run, lock_run, read_marker, release_run
 from minituner.step import evaluate, train_step
 
@@ -62,12 +62,12 @@ class TrainOptions:
     schedule: str = "cosine"  # one of SCHEDULES
     weight_decay: float = 0.0  # AdamW's decoupled decay, not on norms, biases or embeddings
     decay_embeddings: bool = False  # weight decay on embedding tables too
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = BETAS
     max_grad_norm: float = 1.0  # global-norm clipping; 0 = off
     # precision: fp32 | bf16 | fp16; the fp16 loss scale starts at init_scale (see precision.LossScaler)
     precision: str = "fp32"
-    init_scale: float = 2.0**16
-    growth_interval: int = 2000
+    init_scale: float = LossScaler.init_scale
+    growth_interval: int = LossScaler.growth_interval
     # evaluation and early stopping: evaluate every eval_every steps (0 = only at the end);
     # stop after `patience` evaluations without an improvement over min_delta (0 = never)
     eval_every: int = 0
@@ -90,14 +90,14 @@ class TrainOptions:
                 raise OptionError(name, f"{getattr(self, name)}: must be > 0")
         if self.schedule not in SCHEDULES:
             raise OptionError("schedule", f"{self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
-        if self.precision not in POLICIES:
-            raise OptionError("precision", f"{self.precision!r}: must be one of {', '.join(POLICIES)}")
+        check_policy(self.precision)
 
 
 def check_early_stopping(patience: int, eval_every: int, has_validation: bool) -> None:
     """Early stopping compares evaluations: it needs validation data evaluated every few steps."""
     if patience and (not has_validation or not eval_every):
-        raise OptionError("patience", "needs validation data and eval_every > 0", related=("eval_every",))
+        raise OptionError("patience", "needs validation data (val_data, or val_fraction > 0) and eval_every > 0",
+                          related=("val_data", "val_fraction", "eval_every"))
 
 
 @dataclass
@@ -228,7 +228,7 @@ def _trajectory(o: TrainOptions, n_examples: int, global_batch: int, total_steps
     return {"examples": n_examples, "global_batch": global_batch, "total_steps": total_steps, "seed": o.seed,
             "precision": o.precision, "lr": o.lr, "warmup_steps": o.warmup_steps, "schedule": o.schedule,
             "min_lr_ratio": o.min_lr_ratio, "eval_every": o.eval_every, "patience": o.patience,
-            "min_delta": o.min_delta}
+            "min_delta": o.min_delta, "weight_decay": o.weight_decay}
 
 
 def _start_fresh(run_dir: Path, run_config: dict | None) -> bool:
@@ -236,9 +236,11 @@ def _start_fresh(run_dir: Path, run_config: dict | None) -> bool:
     first, or one the caller has already taken for this run (a script, before writing its data),
     or the remains of a marked run that died before its first checkpoint (cleared: nothing of it
     could be resumed). True if the lock was taken here (see runfolder.lock_run)."""
-    taken = False
     if read_marker(run_dir) is None:
         taken = begin_run(run_dir, script=(run_config or {}).get("script", "train"))
+    else:  # marked: by the caller, or by a run that died before its first checkpoint
+        check_new_run(run_dir)  # (refuses one still going)
+        taken = lock_run(run_dir)
     check_new_run(run_dir)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # best-N of the dead run, temporaries
     for stale in ("metrics.jsonl", "summary.json"):

@@ -37,7 +37,7 @@ def test_a_new_run_refuses_a_folder_of_other_files(tmp_path):
 
 def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
     run_toy(tmp_path, "run", "--steps", "2")
-    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+    with pytest.raises(UserError, match="already holds a run: resume it, or choose another run folder"):
         train(toy_train.build_model(0), toy_train.make_examples(32, 0), toy_train.collate,
               options=TrainOptions(steps=2), runtime=CPU, run_dir=tmp_path / "run", progress=False)
 
@@ -54,7 +54,7 @@ def test_json_files_hold_no_inf_or_nan(tmp_path):
 def test_read_run_config(tmp_path):
     out = run_toy(tmp_path, "run", "--steps", "2", "--n-val", "0")
     assert read_run_config(out)["steps"] == 2
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(UserError, match="no such run folder to resume"):
         read_run_config(tmp_path / "missing")
     with pytest.raises(UserError, match="not a run folder"):
         read_run_config(tmp_path)

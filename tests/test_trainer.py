@@ -217,7 +217,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_resume_of_a_missing_or_empty_folder_is_a_user_error(tmp_path):
     args = ["--out", str(tmp_path / "nowhere"), "--resume"]
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(UserError, match="no such run folder to resume"):
         train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate, options=TrainOptions(),
               runtime=CPU, run_dir=tmp_path / "nowhere", resume=True, progress=False)
     assert toy_train.main(args) == 2
@@ -325,7 +325,7 @@ def test_frozen_model_empty_validation_and_negative_seed_are_user_errors(tmp_pat
         TrainOptions(seed=-1)
     with pytest.raises(UserError, match="growth_interval 0: must be >= 1"):
         TrainOptions(growth_interval=0)
-    with pytest.raises(UserError, match="patience needs validation data and eval_every > 0"):
+    with pytest.raises(UserError, match=r"patience needs validation data \(val_data, or val_fraction > 0\) and eval_every > 0"):
         train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate,
               options=TrainOptions(patience=2), runtime=CPU, run_dir=tmp_path / "c",
               val_set=toy_train.make_examples(4, 1), progress=False)

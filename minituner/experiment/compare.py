@@ -1,6 +1,6 @@
 """Instruction tuning and fine-tuning side by side, on the built-in experiment:
 
-    python -m minituner.compare [--out runs/compare-DATE-TIME] [--scale 1.0]
+    python -m minituner.compare [--out runs/compare-DATE-TIME] [--scale 1.0] [--eval-limit N]
 
 It trains, each in its own process (so peak memory is each run's own) with the two scripts:
   instruct-lora      LoRA instruction tuning of the shipped base (train_instruct.py's default)

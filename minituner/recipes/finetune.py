@@ -42,10 +42,11 @@ from minituner.model import Transformer
 from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run
-from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, lora_options,
-                                     read_with_validation, resolve_resume, run_config, settle, train_options)
+from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
+                                     lora_options, read_with_validation, resolve_resume, run_config, settle,
+                                     train_options)
 from minituner.recipes.report import print_outcome, print_table, real_token_share
-from minituner.runfolder import release_run, start_run_folder
+from minituner.runfolder import release_all
 from minituner.tokenizer import Tokenizer
 from minituner.trainer import train
 
@@ -122,9 +123,8 @@ def run(argv=None) -> int:
     lora = lora_options(args) if args.method == "lora" else None
     if args.freeze_layers < 0:
         raise OptionError("freeze_layers", f"{args.freeze_layers}: must be >= 0 (the number of first blocks to freeze)")
-    exports = ("model", "adapter") if args.method == "lora" else ("model",)
-    start_run_folder(args.out, resume=args.resume is not None, script=SCRIPT, exports=exports, runtime=runtime)
     if args.builtin and args.resume is None:
+        claim_run_folder(args, runtime, SCRIPT)  # the built-in experiment writes its data into it
         builtin_data(args, runtime, say)
 
     # Documents, split by document so that no held-out text is ever trained on
@@ -138,6 +138,7 @@ def run(argv=None) -> int:
         check_max_len(max_len, model.config, say, args.max_new_tokens if args.samples or args.cloze else 0)
     else:
         max_len = args.max_len or 256
+        claim_run_folder(args, runtime, SCRIPT)  # its tokenizer is kept in it
         tokenizer = scratch_tokenizer(args, train_docs, max_len, runtime)
         model = scratch_model(args, tokenizer, max_len).to(runtime.device)
     say(f"model: {model_line(model)}")
@@ -165,6 +166,8 @@ def run(argv=None) -> int:
     steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
+    claim_run_folder(args, runtime, SCRIPT)  # every check has passed: from here on the run writes into it
+
     # Samples before training (a fresh adapter has B = 0: the outputs are still the base's)
     prompts = sample_prompts(val_docs or train_docs, tokenizer, args.samples)
     stops = [tokenizer.eos_id]
@@ -177,7 +180,6 @@ def run(argv=None) -> int:
                     progress=not args.no_progress)
     if summary["status"] == "interrupted":
         say(f"interrupted at step {summary['steps']}; continue with: python train_finetune.py --resume {args.out}")
-        release_run(args.out)
         shutdown(runtime)
         return 130
     if runtime.is_main:
@@ -198,7 +200,6 @@ def run(argv=None) -> int:
         written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None, base_name=base_name)
         print_outcome(summary, samples, written)
         print_table("before and after", outcome_rows(summary))
-    release_run(args.out)
     shutdown(runtime)
     return 0
 
@@ -271,7 +272,10 @@ def model_line(model) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
-    return run_command(run, argv, FLAGS)
+    try:
+        return run_command(run, argv, FLAGS)
+    finally:
+        release_all()  # the run folder's lock, when the run ends in a process that goes on
 
 
 if __name__ == "__main__":

@@ -14,16 +14,18 @@ import torch
 from minituner.batching import check_row_length
 from minituner.checkpoint import latest_checkpoint
 from minituner.datafile import check_fraction
+from minituner.distributed import Runtime
 from minituner.errors import UserError
 from minituner.hf.folder import read_config
 from minituner.lora import ALPHA, DEFAULT_TARGETS, DROPOUT, RANK, check_lora
 from minituner.precision import POLICIES
-from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown
+from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # Library option names whose flag is not simply --the-name (errors.OptionError.as_flag).
-FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets"}
+FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets",
+         "run_dir": "--out"}
 D = TrainOptions  # the library's defaults are the flags' defaults
 
 
@@ -64,8 +66,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0 = at the end only)")
     g.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="how many step checkpoints to keep")
     g.add_argument("--eval-limit", type=int, default=0,
-                   help="score at most N items of each --eval-exact, --cloze or --general-eval set, spread over "
-                        "it (0 = all; validation data is always whole)")
+                   help="score at most N items of each held-out set scored before and after (exact match, cloze, "
+                        "general text), spread over it (0 = all; validation data is always whole)")
     g = p.add_argument_group("hardware")
     g.add_argument("--precision", choices=["auto", *POLICIES], default="auto",
                    help="compute dtype; weights and optimizer stay fp32 (auto = bf16 on CUDA, fp32 on CPU)")
@@ -95,8 +97,9 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
             return Path(value).resolve() != Path(saved[key]).resolve()
         return value != saved.get(key)
 
-    changed = [k for k, v in vars(args).items()
-               if k not in ("resume", "device", "no_progress") and v != parser.get_default(k) and differs(k, v)]
+    changed = [k for k, v in vars(args).items()  # (an option the run's config lacks, newer than it, is taken)
+               if k not in ("resume", "device", "no_progress") and k in saved and v != parser.get_default(k)
+               and differs(k, v)]
     if changed:
         print(f"note: --resume uses the run's saved options; ignoring --{changed[0].replace('_', '-')}"
               + (f" and {len(changed) - 1} more" if len(changed) > 1 else ""), file=sys.stderr)
@@ -153,6 +156,14 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float) ->
         check_new_run(args.out)  # a new or empty folder, never one holding anything of the user's or a run
     else:
         latest_checkpoint(args.out)  # before any work: a run with nothing to resume from
+
+
+def claim_run_folder(args: argparse.Namespace, runtime: Runtime, script: str) -> None:
+    """The run folder becomes this run's (see runfolder.start_run_folder) where the run first writes
+    into it, after the checks that need the model and the data: a mistake found before leaves no
+    folder behind. Calling it again is a no-op."""
+    exports = ("model", "adapter") if args.method == "lora" else ("model",)
+    start_run_folder(args.out, resume=args.resume is not None, script=script, exports=exports, runtime=runtime)
 
 
 def check_apart(args: argparse.Namespace) -> None:
@@ -219,10 +230,8 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 
 
 def lora_options(args: argparse.Namespace) -> dict:
-    """apply_lora's keyword arguments from the LoRA flags (settle has checked them)."""
+    """apply_lora's keyword arguments from the LoRA flags (settle has checked them; apply_lora checks the targets)."""
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    if not targets:
-        raise UserError("--lora-targets: give at least one module name, or all-linear")
     return {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "dropout": args.lora_dropout,
             "rslora": args.rslora}
 

@@ -37,10 +37,11 @@ from minituner.lora import apply_lora, trainable_report
 from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run
-from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, lora_options,
-                                     read_with_validation, resolve_resume, run_config, settle, train_options)
+from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
+                                     lora_options, read_with_validation, resolve_resume, run_config, settle,
+                                     train_options)
 from minituner.recipes.report import print_outcome, print_table, real_token_share
-from minituner.runfolder import release_run, start_run_folder
+from minituner.runfolder import release_all
 from minituner.sft import build_examples, prompt_ids, show_mask
 from minituner.templates import TEMPLATES, chat_template, check_template, default_template, stop_ids
 from minituner.trainer import train
@@ -92,9 +93,8 @@ def run(argv=None) -> int:
     settle(args, runtime.device, default_lr=DEFAULT_LR[args.method])
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
-    exports = ("model", "adapter") if args.method == "lora" else ("model",)
-    start_run_folder(args.out, resume=args.resume is not None, script=SCRIPT, exports=exports, runtime=runtime)
     if args.builtin and args.resume is None:
+        claim_run_folder(args, runtime, SCRIPT)  # the built-in experiment writes its data into it
         builtin_data(args, runtime, say)
 
     # Model: a LoRA base is frozen, so it can live in the compute dtype from the start; full
@@ -133,6 +133,8 @@ def run(argv=None) -> int:
     steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
     collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
+    claim_run_folder(args, runtime, SCRIPT)  # every check has passed: from here on the run writes into it
+
     # Samples before training (a fresh adapter has B = 0: the outputs are still the base's)
     held_out = (val_convs or train_convs)[:args.samples]
     prompts = [fit_prompt(prompt_ids(conv, tokenizer, template), len(tokenizer.prefix_ids), max_len - args.max_new_tokens)
@@ -148,7 +150,6 @@ def run(argv=None) -> int:
                     progress=not args.no_progress)
     if summary["status"] == "interrupted":
         say(f"interrupted at step {summary['steps']}; continue with: python train_instruct.py --resume {args.out}")
-        release_run(args.out)
         shutdown(runtime)
         return 130
     if runtime.is_main:
@@ -174,7 +175,6 @@ def run(argv=None) -> int:
         if scores_before:
             print_table("held-out exact match", [(f"{name} ({s['n']})", f"{s['before']:.1%}", f"{s['after']:.1%}")
                                                  for name, s in summary["exact_match"].items()])
-    release_run(args.out)
     shutdown(runtime)
     return 0
 
@@ -226,7 +226,10 @@ def stats_line(stats: dict) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
-    return run_command(run, argv, FLAGS)
+    try:
+        return run_command(run, argv, FLAGS)
+    finally:
+        release_all()  # the run folder's lock, when the run ends in a process that goes on
 
 
 if __name__ == "__main__":

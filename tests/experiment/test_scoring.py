@@ -45,3 +45,10 @@ def test_read_cloze_names_the_line_and_field(tmp_path):
         scoring.read_cloze(path)
     path.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
     assert scoring.read_cloze(path) == [{"prompt": "a", "answer": "b"}]
+
+
+def test_spread_keeps_every_part_of_a_set_written_part_by_part():
+    families = [f"{family}-{i}" for family in "abcde" for i in range(4)]  # 5 families of 4, in order
+    assert scoring.spread(families, 0) == families and scoring.spread(families, 50) == families
+    five = scoring.spread(families, 5)
+    assert len(five) == 5 and {item[0] for item in five} == set("abcde")

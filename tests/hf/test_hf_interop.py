@@ -1,6 +1,6 @@
 """What we save loads in Hugging Face transformers as the same model, and our LoRA adapters in PEFT.
 Runs only where transformers (and, for the adapter tests, peft) is installed; neither is a minituner
-dependency: pip install transformers peft && pytest tests/test_hf_interop.py"""
+dependency, but the dev extra installs both, so the suite runs these (pytest tests/hf/test_hf_interop.py)."""
 
 import pytest
 import torch

@@ -112,7 +112,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypat
 def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"script": "train_finetune"}))
     assert train_instruct.main(["--resume", str(tmp_path)]) == 2  # a config.json alone is not a run
-    assert "not a run folder (it has no run.json" in capsys.readouterr().err
+    assert "not a run folder to resume (it has no run.json" in capsys.readouterr().err
     write_marker(tmp_path, new_marker("train_finetune"))
     assert train_instruct.main(["--resume", str(tmp_path)]) == 2
     assert "not written by train_instruct.py" in capsys.readouterr().err
@@ -123,7 +123,7 @@ def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
     (["--template", "llama3"], 'needs "<|start_header_id|>"'),
     (["--max-len", "1"], "--max-len 1: a row needs at least 3 tokens"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--max-len", "4096"], "--max-len 4096 exceeds the model's 128 learned"),
-    (["--patience", "2"], "--patience needs validation data and --eval-every > 0"),
+    (["--patience", "2"], "--patience needs validation data (--val-data, or --val-fraction > 0) and --eval-every > 0"),
     (["--samples", "-1"], "--samples and --eval-limit must be >= 0"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--lora-targets", "q_proj"], "adapt all three (target c_attn)"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room"),
@@ -158,7 +158,7 @@ def test_a_folder_holding_a_run_is_refused_before_any_work(tmp_path, data, capsy
     out = tmp_path / "run"
     assert run(out, data, "--steps", "1") == 0
     assert run(out, data, "--steps", "1") == 2
-    assert f"{out} already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert f"error: --out {out} already holds a run: resume it, or choose another run folder" in capsys.readouterr().err
     assert train_instruct.main(["--resume", str(tmp_path / "nothing")]) == 2
 
 
@@ -176,3 +176,12 @@ def test_config_records_absolute_paths_so_resume_works_from_elsewhere(tmp_path, 
     assert train_instruct.main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["base"] == BASE and Path(config["data"]).is_absolute()
+
+
+def test_eval_limit_scores_a_spread_subset_and_zero_scores_all(tmp_path, data):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": f"Say {n}.", "output": f"{n}"}) + "\n" for n in range(6)))
+    for limit, n in ((0, 6), (4, 4)):
+        out = tmp_path / f"run-{limit}"
+        assert run(out, data, "--steps", "1", "--eval-exact", str(held_out), "--eval-limit", str(limit)) == 0
+        assert json.loads((out / "summary.json").read_text())["exact_match"]["held_out"]["n"] == n

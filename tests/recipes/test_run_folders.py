@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import toy_train
 from conftest import DATA, FIXTURES, StopAfterTwoSteps, snapshot
 from minituner import generate, runfolder, trainer
 from minituner.checkpoint import load_checkpoint
+from minituner.errors import UserError
 from minituner.recipes import finetune, flags, instruct
 from minituner.recipes import finetune as train_finetune
 from minituner.recipes import instruct as train_instruct
@@ -352,3 +354,50 @@ def test_a_folder_it_may_not_write_gives_one_line(tmp_path, alpaca, capsys, monk
     refused(train_instruct.main, ["--base", str(BASE), "--data", str(alpaca), "--steps", "1", *INSTRUCT,
                                   "--out", str(tmp_path / "run")], capsys,
             "cannot write the run folder (Read-only file system)")
+
+
+def test_a_mistake_found_after_the_checks_leaves_no_run_folder(tmp_path, alpaca, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"foo": 1}]))
+    flags = ["--base", str(BASE), "--steps", "1", *INSTRUCT]
+    refused(train_instruct.main, [*flags, "--data", str(bad), "--out", str(tmp_path / "a")], capsys,
+            "cannot tell the data format")
+    refused(train_instruct.main, [*flags, "--data", str(alpaca), "--lora-targets", "nope", "--out",
+                                  str(tmp_path / "b")], capsys, "'nope' matches none")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_marked_folder_without_options_is_said_to_have_never_started(tmp_path, capsys):
+    (tmp_path / MARKER).write_text(json.dumps(new_marker("train_instruct")))
+    refused(train_instruct.main, ["--resume", str(tmp_path)], capsys, "stopped before it started training")
+
+
+def test_an_export_folder_with_a_subfolder_is_checked_whole(tmp_path, alpaca, capsys):
+    """model/ may hold subfolders (huggingface-cli leaves .cache/huggingface/ there): the check reads
+    them instead of failing, and one that is not the run's refuses the export in one line."""
+    out = tmp_path / "run"
+    assert train_instruct.main(["--base", str(BASE), "--data", str(alpaca), "--out", str(out), "--steps", "1",
+                                *INSTRUCT]) == 0
+    (out / "model" / ".cache" / "huggingface").mkdir(parents=True)
+    (out / "model" / ".cache" / "huggingface" / "upload.lock").write_text("")
+    before = snapshot(out / "model")
+    refused(train_instruct.main, ["--resume", str(out), "--no-progress"], capsys,
+            "model exists and was not written by this run's export (it holds .cache")
+    assert snapshot(out / "model") == before
+
+
+def test_the_library_refuses_a_dead_looking_folder_whose_run_is_still_going(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps(new_marker("train")))
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out / "run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="in use by a run that is still going"):
+            trainer.train(toy_train.build_model(0), toy_train.make_examples(8, 0), toy_train.collate,
+                          options=trainer.TrainOptions(steps=1), runtime=trainer.Runtime(torch.device("cpu")),
+                          run_dir=out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
