@@ -243,7 +243,11 @@ def adopt_legacy_run(run_dir, *, script: str) -> None:
     if read_marker(run_dir) is not None:
         return
     marker = {**new_marker(script), "adopted": True}
-    marker["exports"] = {name: [folder_fingerprint(run_dir / name)] for name in EXPORTS if (run_dir / name).is_dir()}
+    for name in EXPORTS:
+        try:
+            marker["exports"][name] = [folder_fingerprint(run_dir / name)]
+        except OSError:  # absent, or holding what cannot be read: not recorded, so never replaced
+            continue
     write_marker(run_dir, marker)
 
 

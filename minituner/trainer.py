@@ -238,9 +238,8 @@ def _start_fresh(run_dir: Path, run_config: dict | None) -> bool:
     could be resumed). True if the lock was taken here (see runfolder.lock_run)."""
     if read_marker(run_dir) is None:
         taken = begin_run(run_dir, script=(run_config or {}).get("script", "train"))
-    else:  # marked: by the caller, or by a run that died before its first checkpoint
-        check_new_run(run_dir)  # (refuses one still going)
-        taken = lock_run(run_dir)
+    else:  # marked: by the caller, or by a run that died before its first checkpoint (lock_run refuses one
+        taken = lock_run(run_dir)  # still going)
     check_new_run(run_dir)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # best-N of the dead run, temporaries
     for stale in ("metrics.jsonl", "summary.json"):
