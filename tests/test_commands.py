@@ -8,8 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-COMMANDS = ["minituner.generate", "minituner.bench", "minituner.compare", "minituner.synth",
-            "minituner.recipes.instruct", "minituner.recipes.finetune"]
+COMMANDS = ["minituner.generate", "minituner.bench", "minituner.compare", "minituner.synth"]  # the recipes: below
 
 
 @pytest.mark.slow
