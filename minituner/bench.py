@@ -7,22 +7,26 @@
 
 Generation reports prefill (one forward over the prompts) and cached decoding in tokens per
 second. Training reports tokens per second of whole optimizer steps (forward, backward, fp32
-master update) through trainer.train_step, and on CUDA in bf16/fp16 the model FLOPs
-utilisation: 6 FLOPs per token per trained weight (forward 2, backward 4; a frozen weight 4)
-plus attention's 12 x layers x dim x seq_len (PaLM, Chowdhery et al. 2022, appendix B),
-against the GPU's dense peak. Both report the peak
-memory: allocated CUDA memory on a GPU, the process's peak resident set on a CPU.
+master update) through step.train_step, and on CUDA in bf16/fp16 the model FLOPs
+utilisation (flops_per_token against the GPU's dense 16-bit peak). Both report the peak memory:
+on a GPU the allocated peak and the allocator's reserved peak, on a CPU the process's peak
+resident set.
+
+    python -m minituner.bench --gpu-check          # the whole CUDA path, pass or fail (gpucheck.py)
 """
 
 import argparse
 import json
+import re
 import sys
 import time
 
 import torch
+from torch import nn
 
 from minituner.config import preset_config
-from minituner.distributed import Runtime, peak_memory_mib, resolve_device, synchronize
+from minituner.distributed import (Runtime, peak_memory_mib, peak_reserved_mib, reset_peak_memory, synchronize,
+                                   use_device)
 from minituner.errors import UserError, run_command
 from minituner.generate import generate, resolve_dtype
 from minituner.hf.folder import load_pretrained
@@ -63,20 +67,43 @@ def bench_inference(model: Transformer, *, batch_size: int, prompt_len: int, new
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_tokens_per_s": round(batch_size * prompt_len / prefill, 1),
         "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / decode, 1),
-        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        **memory_report(device),
     }
 
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name, from the vendors' data sheets.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-               "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0, "T4": 65.0}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' data sheets, by the words of the
+# GPU's name: "NVIDIA L40S" is an L40S, not an L40 and not an L4. The most specific entry first.
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+               ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+               ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0),
+               ("RTX 3090", 71.0), ("A6000", 155.0), ("V100", 125.0), ("T4", 65.0)]
 
 
 def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_tflops_of(gpu_name: str) -> float | None:
+    """The dense 16-bit peak of a GPU by its name, matching whole words only; None if unknown."""
+    words = re.findall(r"[A-Za-z0-9]+", gpu_name.upper())
+    for key, tflops in PEAK_TFLOPS:
+        key_words = key.upper().split()
+        if any(words[i:i + len(key_words)] == key_words for i in range(len(words))):
+            return tflops
+    return None
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per trained matmul weight (forward 2, input gradient 2, weight
+    gradient 2), 4 per frozen one (no weight gradient), plus attention's 12 x layers x heads x
+    head dim x seq_len (PaLM, Chowdhery et al. 2022, appendix B). Only nn.Linear weights are
+    matmuls: an input embedding is a table lookup (a tied one counts once, as the output layer)."""
+    c, seen, total = model.config, set(), 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += (6 if module.weight.requires_grad else 4) * module.weight.numel()
+    return total + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
 
 def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len: int, repeats: int) -> dict:
@@ -101,18 +128,20 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(m.numel() for m in masters.masters)
     tokens_per_s = batch_size * seq_len / best
-    c = model.config
-    # A trained weight costs 6 FLOPs per token (forward, input gradient, weight gradient), a frozen
-    # one 4 (no weight gradient). MFU is against the dense bf16/fp16 peak, so not given for fp32.
-    flops_per_token = 6 * n_trained + 4 * (n_params - n_trained) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-    peak = peak_tflops(device) if policy != "fp32" else None
+    peak = peak_tflops(device) if policy != "fp32" else None  # MFU is against the 16-bit peak
     return {
         "params_m": round(n_params / 1e6, 2), "trainable_m": round(n_trained / 1e6, 2),
         "batch_size": batch_size, "seq_len": seq_len, "step_s": round(best, 4),
         "train_tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(flops_per_token * tokens_per_s / (peak * 1e12), 4) if peak else None,
-        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        "mfu": round(flops_per_token(model, seq_len) * tokens_per_s / (peak * 1e12), 4) if peak else None,
+        **memory_report(device),
     }
+
+
+def memory_report(device: torch.device) -> dict:
+    reserved = peak_reserved_mib(device)
+    return {"peak_memory_mib": round(peak_memory_mib(device), 1),
+            **({"peak_reserved_mib": round(reserved, 1)} if reserved is not None else {})}
 
 
 def random_model(config, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -150,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=ALPHA, help="LoRA alpha; the update is scaled by alpha / rank")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES], help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES],
+                   help="auto = bf16 on GPUs that have it, else fp16; fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -165,7 +195,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     # Full training keeps float32 masters of every weight; a LoRA base is frozen, so it is built
     # in the compute dtype directly (as the instruction recipe does) and only the adapters get masters.
@@ -179,8 +209,7 @@ def run(argv=None) -> int:
                         f"{model.config.max_seq_len} positions")
     if args.lora_rank != 0:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # checks them; freezes all but the adapters
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     if args.train:
         policy = next(name for name, d in POLICIES.items() if d == dtype)
         if not args.lora_rank:  # with LoRA, apply_lora has frozen all but the adapters

@@ -11,13 +11,15 @@ with `all_reduce_sum_` after its micro-batches, in plain sight of the loss norma
 import os
 import resource
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from minituner.errors import OptionError, UserError
 
-_BUCKET_ELEMENTS = 2**24  # gradients are summed in flat buckets of up to 64 MiB of float32
+_IN_PLACE_ELEMENTS = 2**16  # tensors this large are summed where they lie; smaller ones packed together
+DIST_TIMEOUT_MINUTES = 60  # how long a collective may wait for a rank busy alone (see init_runtime)
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,10 @@ class Runtime:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU; asking for CUDA without one is a user error."""
+    """'auto' is CUDA when present, else CPU; asking for CUDA without one is a user error.
+    A CUDA device comes back with its index ('cuda' is the current device)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -47,6 +50,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise OptionError("device", f"{name}: this machine has {torch.cuda.device_count()} GPU(s), "
                                     "numbered from cuda:0")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def use_device(name: str) -> torch.device:
+    """The device of a single-process run (resolve_device), made the current CUDA device, so
+    that work naming no device (a capability check, a library's context) lands on it rather
+    than on cuda:0."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 
@@ -56,6 +71,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the CUDA peak-memory counters afresh (a CPU's peak resident set cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak allocated CUDA memory on a GPU; the process's peak resident set on a CPU."""
     if device.type == "cuda":
@@ -63,12 +84,28 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def init_runtime(device_name: str = "auto") -> Runtime:
-    """This process's device, joining torchrun's process group when launched by torchrun."""
-    device = resolve_device(device_name)
+def peak_reserved_mib(device: torch.device) -> float | None:
+    """Peak memory the CUDA caching allocator held (allocated plus its cached free blocks): what
+    the GPU really had to have, and what another process could not use. None on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return None
+
+
+def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOUT_MINUTES) -> Runtime:
+    """This process's device, joining torchrun's process group when launched by torchrun.
+
+    timeout_minutes bounds how long a collective waits for the other ranks before the run is
+    aborted. Rank 0 does some work alone while the others wait in their next collective
+    (generating samples and scoring before training, training a tokenizer, writing a
+    checkpoint of many GB), so the default is an hour rather than NCCL's ten minutes.
+    """
+    if not timeout_minutes > 0:
+        raise OptionError("dist_timeout", f"{timeout_minutes}: must be > 0 minutes")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Runtime(device)
+        return Runtime(use_device(device_name))
+    device = resolve_device(device_name)  # (not made current: each rank takes its own GPU below)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -78,6 +115,7 @@ def init_runtime(device_name: str = "auto") -> Runtime:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return Runtime(device, rank, world_size)
 
@@ -88,18 +126,22 @@ def shutdown(runtime: Runtime) -> None:
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor], runtime: Runtime) -> None:
-    """Sum each tensor over all ranks, in place, a few large flat buckets at a time."""
+    """Sum each tensor over all ranks, in place. A large contiguous tensor (the flat gradient
+    buffer) is reduced where it lies, with no copy; the small ones are packed into one flat
+    tensor, so that a few scalars cost one collective rather than one each."""
     if runtime.world_size == 1:
         return
-    bucket: list[torch.Tensor] = []
-    for i, t in enumerate(tensors):
-        bucket.append(t)
-        if i + 1 == len(tensors) or sum(b.numel() for b in bucket) + tensors[i + 1].numel() > _BUCKET_ELEMENTS:
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(part.view_as(b))
-            bucket = []
+    small = []
+    for t in tensors:
+        if t.is_contiguous() and t.numel() >= _IN_PLACE_ELEMENTS:
+            dist.all_reduce(t)
+        else:
+            small.append(t)
+    if small:
+        flat = torch.cat([t.reshape(-1) for t in small])
+        dist.all_reduce(flat)
+        for t, part in zip(small, flat.split([t.numel() for t in small])):
+            t.copy_(part.view_as(t))
 
 
 def broadcast_(tensors: list[torch.Tensor], runtime: Runtime) -> None:

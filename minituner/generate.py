@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from minituner.distributed import resolve_device
+from minituner.distributed import use_device
 from minituner.errors import UserError, run_command
 from minituner.hf.folder import load_pretrained
 from minituner.model import KVCache, Transformer
-from minituner.precision import POLICIES
+from minituner.precision import POLICIES, auto_dtype
 from minituner.tokenizer import Tokenizer
 
 
@@ -54,40 +54,43 @@ def generate(
         raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                         f"{model.config.max_seq_len} learned positions")
     ids, real = left_pad(prompts, device)  # (B, L) each
-    mask = None if real.all() else real  # (B, S) while generating, or None with no padding
+    mask = None if all(len(p) == longest for p in prompts) else real  # (B, S) while generating, or None
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     cache = KVCache(model.config, B, total, device, model.embed_tokens.weight.dtype) if use_cache else None
 
-    new = [[] for _ in range(B)]
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, N) the new tokens
+    produced = torch.zeros(B, dtype=torch.long, device=device)  # (B,) how many of them each row keeps
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = next_token(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-        for row in (~done).nonzero().flatten().tolist():
-            new[row].append(token[row].item())
+        out[:, i] = token
+        produced += ~done  # a finished row keeps decoding in step with the batch; its tokens are dropped
         done |= torch.isin(token, stop)
         if stop_strings:
-            done |= _hit_stop_string(new, stop_strings, tokenizer, device)
-        if done.all():
+            done |= _hit_stop_string(out[:, :i + 1], stop_strings, tokenizer)
+        if done.all():  # the loop's one wait for the device per token
             break
         ids = torch.cat([ids, token[:, None]], dim=1)  # (B, S)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, S)
         step_ids = token[:, None] if use_cache else ids  # (B, 1) or (B, S)
         logits = model(step_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
-    return new
+    rows, lengths = out.tolist(), produced.tolist()
+    return [row[:n] for row, n in zip(rows, lengths)]
 
 
 def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts right-aligned in one (B, L) tensor of ids, and the (B, L) mask of real tokens."""
+    """Prompts right-aligned in one (B, L) tensor of ids, and the (B, L) mask of real tokens
+    (built on the host, then copied to `device` once)."""
     B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long, device=device)
-    real = torch.zeros(B, L, dtype=torch.bool, device=device)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    real = torch.zeros(B, L, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        ids[row, L - len(prompt):] = torch.tensor(prompt, device=device)
+        ids[row, L - len(prompt):] = torch.tensor(prompt)
         real[row, L - len(prompt):] = True
-    return ids, real
+    return ids.to(device), real.to(device)
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
@@ -109,11 +112,14 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-def _hit_stop_string(new: list[list[int]], stop_strings, tokenizer: Tokenizer, device) -> torch.Tensor:
-    """Rows whose generated text now contains a stop string (only the recent tokens are decoded)."""
+def _hit_stop_string(new: torch.Tensor, stop_strings, tokenizer: Tokenizer) -> torch.Tensor:
+    """Rows of the new tokens (B, n) whose text now contains a stop string. Only the recent
+    tokens are decoded; a row that has already stopped may hold anything after its end, but it
+    is done whatever this says."""
     window = 4 * max(len(s) for s in stop_strings) + 4  # a character spans at most 4 byte-level tokens
-    hits = [any(s in tokenizer.decode(row[-window:], skip_special_tokens=False) for s in stop_strings) for row in new]
-    return torch.tensor(hits, dtype=torch.bool, device=device)
+    hits = [any(s in tokenizer.decode(row, skip_special_tokens=False) for s in stop_strings)
+            for row in new[:, -window:].tolist()]
+    return torch.tensor(hits, dtype=torch.bool, device=new.device)
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *, stop_strings=(),
@@ -146,10 +152,9 @@ def greedy_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
 
 # ----------------------------------------------------------------------------- CLI
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA, float32 on CPU (exact, and not every CPU computes bf16 fast)."""
-    if name != "auto":
-        return POLICIES[name]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """A --dtype flag's dtype: 'auto' is bf16 on a GPU that computes it, fp16 on an older GPU,
+    fp32 on the CPU (precision.auto_dtype)."""
+    return auto_dtype(device) if name == "auto" else POLICIES[name]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,7 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     # hardware
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES], help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES],
+                   help="auto = bf16 on GPUs that have it, else fp16; fp32 on CPU")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -181,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load_pretrained(args.model, device=device, dtype=dtype)
     texts = generate_text(model, tokenizer, args.prompt, stop_strings=args.stop, stop_on_eos=not args.ignore_eos,

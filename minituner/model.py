@@ -184,19 +184,64 @@ def make_attention_mask(T: int, S: int, device, *, key_padding=None, document_id
 
 def attend(q, k, v, mask, is_causal: bool) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, K, S, D), sharing each key/value
-    head among G = H // K query heads without copying it where the kernels allow."""
+    head among G = H // K query heads without copying it where the kernels allow.
+
+    On CUDA only the flash kernel honours enable_gqa; wherever it cannot run (a mask, fp32, a
+    GPU before Ampere, D > 256) SDPA would quietly fall back to the math kernel, which keeps
+    a T x S score matrix per head. There, decoding (T == 1) folds the G query heads of a group
+    into G "time steps" over the group's keys, and longer queries get each key/value head
+    repeated G times, so that the memory-efficient kernel takes the call.
+    """
     B, H, T, D = q.shape
     G = H // k.shape[1]
-    if G == 1 or mask is None:
+    if q.is_cuda:
+        _guard_cudnn_attention()
+    if G == 1 or (mask is None and _kernel_shares_heads(q)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)
     if T == 1:
-        # Decoding: the G query heads of a group become G "time steps" over the same keys.
-        out = F.scaled_dot_product_attention(q.view(B, -1, G, D), k, v, attn_mask=mask)  # (B, K, G, D)
-        return out.view(B, H, 1, D)
-    # A mask and several query tokens: the CUDA kernels that take a mask do not share heads,
-    # so repeat each key/value head G times.
+        # (B, K, G, D): kernels may hand the output back with other strides (the CUDA memory-
+        # efficient kernel's is laid out as (B, G, K, D)), so reshape, which copies if it must.
+        out = F.scaled_dot_product_attention(q.view(B, -1, G, D), k, v, attn_mask=mask)
+        return out.reshape(B, H, 1, D)
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, S, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def _kernel_shares_heads(q: torch.Tensor) -> bool:
+    """Whether SDPA, given no mask, runs grouped-query attention in a fused kernel for q."""
+    if not q.is_cuda:
+        return True  # the CPU kernels handle enable_gqa themselves
+    return flash_attention_eligible(torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1])
+
+
+def flash_attention_eligible(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether PyTorch's CUDA flash kernel takes an unmasked call: fp16/bf16, a GPU of compute
+    capability 8.0 or newer, a head dim up to 256 and divisible by 8."""
+    return capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0
+
+
+# cuDNN's attention kernel, which recent PyTorch may prefer on sm90/sm100, corrupts grouped-query
+# decoding on some GPUs (pytorch/pytorch#193893, open): minituner turns that backend off, for
+# the whole process, the first time attention runs on a GPU. Set this True before then to keep it.
+CUDNN_ATTENTION = False
+_cudnn_checked = False
+
+
+def _guard_cudnn_attention() -> None:
+    global _cudnn_checked
+    if not _cudnn_checked:
+        _cudnn_checked = True
+        if not CUDNN_ATTENTION and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the float one SDPA would make of it (0 where a query may attend, -inf
+    where not), made once per forward pass: handed a bool mask, SDPA converts it in every
+    layer, and the memory-efficient kernel's backward keeps each layer's copy."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -342,7 +387,9 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         local = full if window is None else make_attention_mask(
             T, S, x.device, key_padding=attention_mask, document_ids=document_ids, window=window)
-        masks = (full, local)  # indexed by Attention.uses_window
+        full = (additive_mask(full[0], x.dtype), full[1])
+        local = full if window is None else (additive_mask(local[0], x.dtype), local[1])
+        masks = (full, local)  # indexed by Attention.uses_window; every layer shares these tensors
         for block in self.layers:
             x = block(x, cos_sin, masks, cache)
         if cache is not None:

@@ -57,13 +57,14 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, sche
 
 
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of all gradients together, as a float32 scalar tensor (inf/nan kept)."""
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).float()
+    """The global L2 norm of all gradients together, as a float32 scalar tensor (inf/nan kept):
+    the norm of the per-tensor norms, which _foreach_norm computes in a few kernels."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0).float()
 
 
 def clip_grads_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
-    """Scale all gradients by one factor so their global norm is at most `max_norm` (0 = no clip)."""
+    """Scale all gradients by one factor so their global norm is at most `max_norm` (0 = no clip).
+    The factor stays on the device: clipping needs no host sync."""
     if max_norm > 0:
         coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # never scales up
-        for g in grads:
-            g.mul_(coef.to(g.device))
+        torch._foreach_mul_(grads, coef)

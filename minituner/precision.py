@@ -34,12 +34,26 @@ def check_policy(policy: str) -> None:
         raise OptionError("precision", f"{policy!r}: must be one of {', '.join(POLICIES)}")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: GPUs from Ampere (compute capability 8.0)
+    on. Older ones only emulate it, slowly; torch.cuda.is_bf16_supported() says yes to those by
+    default. (A CPU computes bf16 correctly, if not always fast.)"""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype 'auto' means: bf16 on a GPU that has it, fp16 on an older GPU, and
+    fp32 on the CPU (exact, and not every CPU computes bf16 fast)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
 def compute_dtype(policy: str, device: torch.device) -> torch.dtype:
     """The compute dtype of `policy`, after checking `device` can train in it."""
     check_policy(policy)
     dtype = POLICIES[policy]
-    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
-    if dtype == torch.bfloat16 and not native_bf16:  # pre-Ampere GPUs only emulate it, slowly
+    if dtype == torch.bfloat16 and not native_bf16(device):
         raise OptionError("precision", f"bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                                        "use fp16 or fp32")
     if dtype != torch.float32:
@@ -80,42 +94,54 @@ class MasterWeights:
             # master as model.to() gives the parameter a new tensor (Module.to keeps the Parameters).
             self.masters = [nn.Parameter(p.detach().to(device=device, dtype=torch.float32)) for p in self.params]
             model.to(device=device, dtype=dtype)
+        # Every master's gradient is a view into one flat float32 buffer, so the gradients of all
+        # ranks are summed in place, in one collective, with no copy in or out (see train_step).
+        # Under fp32 the parameters' own .grad are these views and autograd accumulates into them.
+        self.grad_buffer = torch.zeros(sum(m.numel() for m in self.masters), dtype=torch.float32, device=device)
+        self._attach_grads()
+
+    def _attach_grads(self) -> None:
+        views = self.grad_buffer.split([m.numel() for m in self.masters])
+        for m, view in zip(self.masters, views):
+            m.grad = view.view_as(m)
 
     def named_masters(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.names, self.masters))
 
     def accumulate_grads(self) -> None:
-        """Move the gradients of one backward pass into the masters' float32 .grad (summing)."""
+        """Add the gradients of one backward pass into the masters' float32 .grad, in a few
+        kernels (the _foreach ops), and drop the compute-dtype ones."""
         if self.masters is self.params:
             return  # autograd already accumulated into the fp32 .grad
-        for p, m in zip(self.params, self.masters):
-            if p.grad is None:
-                continue
-            if m.grad is None:
-                m.grad = p.grad.float()
-            else:
-                m.grad.add_(p.grad)  # add_ upcasts the compute-dtype gradient into fp32
-            p.grad = None
-
-    def grads(self) -> list[torch.Tensor]:
-        """The masters' gradients, creating zero ones for parameters that got none this step."""
-        for m in self.masters:
-            if m.grad is None:
-                m.grad = torch.zeros_like(m)
-        return [m.grad for m in self.masters]
-
-    def zero_grads(self) -> None:
-        for m in self.masters:
-            m.grad = None
+        pairs = [(m.grad, p.grad) for p, m in zip(self.params, self.masters) if p.grad is not None]
+        if pairs:
+            torch._foreach_add_([m for m, _ in pairs], [g for _, g in pairs])  # upcasts into fp32
         for p in self.params:
             p.grad = None
 
+    def grads(self) -> list[torch.Tensor]:
+        """The masters' gradients: views into `grad_buffer` (zero where nothing flowed this step)."""
+        return [m.grad for m in self.masters]
+
+    def zero_grads(self) -> None:
+        """Zero the summed gradients, keeping their buffer (one kernel)."""
+        self.grad_buffer.zero_()
+        self._attach_grads()  # in case something replaced a .grad (a test, or a user's hook)
+        if self.masters is not self.params:
+            for p in self.params:
+                p.grad = None
+
+    def release_grads(self) -> None:
+        """Free the gradient buffer once training is over (the model keeps no .grad)."""
+        for m in self.masters:
+            m.grad = None
+        self.grad_buffer = torch.zeros(0, dtype=torch.float32, device=self.grad_buffer.device)
+
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        """Round the updated masters into the model's compute-dtype parameters."""
+        """Round the updated masters into the model's compute-dtype parameters, in a few kernels."""
         if self.masters is not self.params:
-            for p, m in zip(self.params, self.masters):
-                p.copy_(m)
+            torch._foreach_copy_(self.params, self.masters)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: m.detach() for name, m in zip(self.names, self.masters)}

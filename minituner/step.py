@@ -15,6 +15,8 @@ A batch is a dict of tensors: "input_ids" and "labels" (B, T), and optionally "p
 and "document_ids" (packed sequences; minituner/batching.py).
 """
 
+import math
+
 import torch
 
 from minituner.distributed import Runtime, all_reduce_sum_
@@ -34,13 +36,19 @@ def forward_loss(model, batch: dict, device: torch.device) -> torch.Tensor:
 def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer, scaler: LossScaler, lr: float,
                max_grad_norm: float, runtime: Runtime) -> dict:
     """One optimizer step over this rank's micro-batches. Returns the step's loss (mean over all
-    its target tokens), gradient norm, whether it was skipped, and its token counts."""
+    its target tokens), gradient norm, whether it was skipped, and its token counts.
+
+    The host waits for the device once, to read the loss and norm that decide whether to step;
+    the update itself is left queued, so the caller can prepare the next batches meanwhile.
+    """
     device = runtime.device
     # The step's token counts, over every micro-batch of every rank (float64 counts exactly).
-    counts = torch.tensor([sum(target_count(b["labels"]) for b in batches),
-                           sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=device)
-    all_reduce_sum_([counts], runtime)
-    n_targets, n_tokens = counts.tolist()
+    n_targets = sum(target_count(b["labels"]) for b in batches)
+    n_tokens = sum(b["input_ids"].numel() for b in batches)
+    if runtime.world_size > 1:
+        counts = torch.tensor([n_targets, n_tokens], dtype=torch.float64, device=device)
+        all_reduce_sum_([counts], runtime)
+        n_targets, n_tokens = counts.tolist()
     if n_targets == 0:
         raise UserError("a training step has no target tokens: every label is masked; check the data's labels")
 
@@ -51,13 +59,13 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
         masters.accumulate_grads()  # into fp32, so many micro-batches do not pile up bf16 rounding
         loss_sum += loss.detach()
 
-    grads = masters.grads()
-    all_reduce_sum_(grads + [loss_sum.view(1)], runtime)  # ranks hold disjoint tokens: sum, not mean
-    inv_scale = 1.0 / scaler.scale
-    for g in grads:
-        g.mul_(inv_scale)  # unscale before measuring or clipping
+    grads = masters.grads()  # views into one flat float32 buffer
+    all_reduce_sum_([masters.grad_buffer, loss_sum.view(1)], runtime)  # ranks hold disjoint tokens: sum
+    if scaler.scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / scaler.scale)  # unscale before measuring or clipping
     norm = grad_norm(grads)
-    finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # one inf/nan anywhere poisons the norm
+    norm_value, loss_value = torch.stack([norm, loss_sum]).tolist()  # the step's one wait for the device
+    finite = math.isfinite(norm_value) and math.isfinite(loss_value)  # one inf/nan anywhere poisons the norm
     if finite:
         clip_grads_(grads, norm, max_grad_norm)
         for group in optimizer.param_groups:
@@ -66,7 +74,7 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
         masters.copy_to_model()
     masters.zero_grads()
     scaler.update(found_inf=not finite)  # no-op unless fp16
-    return {"loss": loss_sum.item() / n_targets, "grad_norm": norm.item(), "skipped": not finite,
+    return {"loss": loss_value / n_targets, "grad_norm": norm_value, "skipped": not finite,
             "target_tokens": int(n_targets), "tokens": int(n_tokens)}
 
 

@@ -37,7 +37,8 @@ from minituner.atomic import write_json
 from minituner.batching import micro_batches, step_examples, steps_per_epoch
 from minituner.checkpoint import (CHECKPOINTS, checkpoint_path, list_checkpoints, load_checkpoint, prune_bests,
                                   resume_run, save_run, write_checkpoint)
-from minituner.distributed import Runtime, all_reduce_sum_, broadcast_, peak_memory_mib, synchronize
+from minituner.distributed import (Runtime, all_reduce_sum_, broadcast_, peak_memory_mib, peak_reserved_mib,
+                                   reset_peak_memory, synchronize)
 from minituner.errors import OptionError, UserError, read_json
 from minituner.optim import BETAS, DEFAULT_LR, build_optimizer, lr_at
 from minituner.precision import LossScaler, MasterWeights, check_policy, compute_dtype
@@ -169,6 +170,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     global_batch = o.batch_size * o.grad_accum * runtime.world_size
     total_steps = o.steps or math.ceil(o.epochs * steps_per_epoch(len(train_set), global_batch))
     locked = runtime.is_main and (lock_run(run_dir) if resume else _start_fresh(run_dir, run_config))
+    reset_peak_memory(runtime.device)  # the summary's peak is training's, not loading's
 
     # What trains: float32 masters of the trainable parameters (the model computes in the policy's
     # dtype and gets the masters copied in after each update), AdamW on the masters, fp16's scaler.
@@ -214,6 +216,8 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             if run.step == total_steps or (o.save_every and run.step % o.save_every == 0) or run.status != "running":
                 save_run(run_dir, asdict(run), masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
     bar.close()
+    synchronize(runtime.device)  # the last update has reached the weights before they are timed or read
+    masters.release_grads()
     summary = _finish(model, run, masters, extra_evals, collate, o, run_dir, runtime, metrics, session, total_steps,
                       global_batch)
     if locked:  # taken by this call, not by a script that goes on to export
@@ -265,13 +269,13 @@ def _evaluate_start(model, val_set, extra_evals: dict, collate, run: RunState, m
 
 def _timed_step(model, batches, masters, optimizer, scaler, lr: float, o: TrainOptions,
                 runtime: Runtime) -> tuple[dict, float, float]:
-    """train_step, its time (the device finished) and the loss scale it ran with."""
+    """train_step, its time and the loss scale it ran with. No synchronize: train_step waits for
+    the device once, mid-step, and leaves its update queued while the loop collates the next
+    batches; that update's device time is counted in the next step's (the loop syncs at its end)."""
     loss_scale = scaler.scale
-    synchronize(runtime.device)
     t0 = time.perf_counter()
     out = train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=lr,
                      max_grad_norm=o.max_grad_norm, runtime=runtime)
-    synchronize(runtime.device)
     return out, time.perf_counter() - t0, loss_scale
 
 
@@ -372,10 +376,15 @@ def _summary(run: RunState, model, masters: MasterWeights, o: TrainOptions, runt
             "best_eval_loss": run.best_eval_loss, "best_step": run.best_step, "restored_best": restored,
             "tokens": run.tokens, "target_tokens": run.target_tokens, "wall_time_s": round(wall, 3),
             "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
-            "peak_memory_mib": round(peak_memory_mib(runtime.device), 1), "precision": o.precision,
+            "peak_memory_mib": round(peak_memory_mib(runtime.device), 1),
+            "peak_reserved_mib": _rounded(peak_reserved_mib(runtime.device)), "precision": o.precision,
             "trainable_params": sum(m.numel() for m in masters.masters),
             "total_params": sum(p.numel() for p in model.parameters()),
             "global_batch": global_batch, "world_size": runtime.world_size}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _ppl(loss: float | None) -> float | None:
@@ -422,6 +431,8 @@ class StopRequest:
 
 def _agreed(flag: bool, runtime: Runtime) -> bool:
     """True on every rank if it is true on any (all ranks must stop at the same step)."""
+    if runtime.world_size == 1:
+        return flag  # no collective, so no wait for the device
     t = torch.tensor([float(flag)], device=runtime.device)
     all_reduce_sum_([t], runtime)
     return bool(t.item() > 0)

@@ -97,3 +97,17 @@ def test_cli_rejects_an_empty_stop_string(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(FIXTURES / "llama-tiny"), "--prompt", "hi", "--stop", ""])
     assert exit_info.value.code == 2 and "--stop needs a non-empty string" in capsys.readouterr().err
+
+
+def test_decoding_waits_for_the_device_once_per_token(loaded, monkeypatch):
+    """Reading a tensor on the host (.item(), .tolist(), bool()) waits for the GPU; per-row reads
+    made decoding latency-bound. One read per token (is every row done?) and two at the end."""
+    model, _ = loaded
+    batch, reads = prompts(), []
+    for name in ("item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (reads.append(_name),
+                                                                                           _real(self, *a))[1])
+    out = generate(model, batch, max_new_tokens=10, stop_ids=[-1])  # no stop: every step decodes
+    assert [len(row) for row in out] == [10, 10, 10]
+    assert len(reads) <= 10 + 2, reads

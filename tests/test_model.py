@@ -171,3 +171,97 @@ def test_cuda_matches_cpu():
     model, _ = load_pretrained(FIXTURES / "llama31-tiny", device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert (model(ref["input_ids"].cuda()).float().cpu() - ref["logits"]).abs().max() < 0.1
+
+
+# ----------------------------------------------------------------------------- the CUDA kernels' ways, on CPU
+def _gqa_prompts():
+    ids = reference("llama31-tiny")["prompt_ids"][0].tolist()
+    return [ids, ids[3:], ids[:2]]  # different lengths: left padding, a mask in every decode step
+
+
+def test_batched_decoding_survives_outputs_laid_out_as_cuda_returns_them(monkeypatch):
+    """CUDA's memory-efficient kernel returns its (B, N, T, D) output laid out as (B, T, N, D);
+    grouped-query decoding with padding must not assume contiguous outputs."""
+    model, _ = load_pretrained(FIXTURES / "llama31-tiny")  # 4 query heads, 2 key/value heads
+    expected = generate(model, _gqa_prompts(), max_new_tokens=6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def cuda_strides(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_strides)
+    assert generate(model, _gqa_prompts(), max_new_tokens=6) == expected
+
+
+def _record_sdpa(monkeypatch) -> list[dict]:
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **rest):
+        calls.append({"q_heads": q.shape[1], "kv_heads": k.shape[1], "mask": attn_mask, "enable_gqa": enable_gqa})
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **rest)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def test_every_layer_gets_one_float_mask_made_once_per_forward(monkeypatch):
+    """A bool mask would be turned into a float one inside each layer's SDPA call (and kept by
+    each layer's backward); one float mask, made once, is shared by all layers."""
+    model, _ = load_pretrained(FIXTURES / "llama31-tiny")
+    calls = _record_sdpa(monkeypatch)
+    ids = reference("llama31-tiny")["input_ids"][:1, :12]
+    model(ids, document_ids=torch.tensor([[0] * 5 + [1] * 7]))  # packed: two documents
+    model(ids.expand(2, 12), attention_mask=torch.tensor([[0, 0] + [1] * 10, [1] * 12]))  # padded
+    for forward in (calls[:model.config.n_layers], calls[model.config.n_layers:]):
+        assert len(forward) == model.config.n_layers
+        assert all(c["mask"] is forward[0]["mask"] for c in forward)
+        assert forward[0]["mask"].dtype == torch.float32 and forward[0]["mask"].isneginf().any()
+
+
+@pytest.mark.parametrize("capability, dtype, head_dim, eligible", [
+    ((9, 0), torch.bfloat16, 128, True), ((8, 0), torch.float16, 64, True),
+    ((7, 5), torch.float16, 128, False),  # T4: no flash kernel
+    ((7, 0), torch.float16, 128, False),  # V100
+    ((9, 0), torch.float32, 128, False),  # fp32: never flash
+    ((9, 0), torch.bfloat16, 512, False), ((9, 0), torch.bfloat16, 60, False),
+])
+def test_flash_eligibility_follows_pytorchs_rules(capability, dtype, head_dim, eligible):
+    from minituner.model import flash_attention_eligible
+    assert flash_attention_eligible(capability, dtype, head_dim) == eligible
+
+
+@pytest.mark.parametrize("name", ["llama31-tiny", "mistral-tiny", "qwen2-window-tiny"])
+def test_without_flash_grouped_heads_reach_kernels_that_need_equal_heads(name, monkeypatch):
+    """Where flash cannot run (a mask, fp32, an old GPU), enable_gqa would send SDPA to the math
+    kernel; every call must then have as many key/value heads as query heads, or decode as a
+    group, and compute the same logits."""
+    import minituner.model as model_module
+    model, _ = load_pretrained(FIXTURES / name)
+    ids = reference(name)["input_ids"]
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    with torch.no_grad():
+        expected = [model(ids), model(ids, attention_mask=padded)]
+        expected_ids = generate(model, _gqa_prompts(), max_new_tokens=4)
+        monkeypatch.setattr(model_module, "_kernel_shares_heads", lambda q: False)
+        calls = _record_sdpa(monkeypatch)
+        got = [model(ids), model(ids, attention_mask=padded)]
+        assert generate(model, _gqa_prompts(), max_new_tokens=4) == expected_ids
+    assert all(not c["enable_gqa"] and c["q_heads"] in (c["kv_heads"], model.config.n_kv_heads) for c in calls)
+    assert any(c["q_heads"] != model.config.n_heads for c in calls)  # the decoding fold was used
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_the_cudnn_attention_backend_is_turned_off_once_unless_asked_for(monkeypatch):
+    import minituner.model as model_module
+    seen = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", seen.append)
+    monkeypatch.setattr(model_module, "_cudnn_checked", False)
+    model_module._guard_cudnn_attention()
+    model_module._guard_cudnn_attention()
+    assert seen == [False]
+    monkeypatch.setattr(model_module, "_cudnn_checked", False)
+    monkeypatch.setattr(model_module, "CUDNN_ATTENTION", True)
+    model_module._guard_cudnn_attention()
+    assert seen == [False]

@@ -10,6 +10,7 @@ from conftest import max_diff
 from minituner.distributed import Runtime
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
+from minituner.optim import build_optimizer
 from minituner.precision import LossScaler, MasterWeights
 from minituner.step import train_step
 
@@ -53,3 +54,80 @@ def test_all_masked_step_is_refused():
     with pytest.raises(UserError, match="no target tokens"):
         train_step(model, [batch], masters=masters, optimizer=torch.optim.SGD(masters.masters, lr=1.0),
                    scaler=LossScaler(enabled=False), lr=1.0, max_grad_norm=1.0, runtime=CPU)
+
+
+# ----------------------------------------------------------------------------- what a GPU would feel
+def _counting(monkeypatch, names) -> list[str]:
+    """Patch Tensor methods to record their calls (by name) while still doing their work."""
+    calls = []
+    for name in names:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def _step_setup(policy_dtype, scale_enabled):
+    model = toy_train.build_model(0)
+    masters = MasterWeights(model, policy_dtype)
+    optimizer = build_optimizer(masters.named_masters(), lr=1e-3, weight_decay=0.0)  # fused, as in training
+    batches = [toy_train.collate(toy_train.make_examples(4, seed=s)) for s in (1, 2)]
+    return model, masters, optimizer, LossScaler(enabled=scale_enabled), batches
+
+
+def test_a_step_waits_for_the_device_once(monkeypatch):
+    """Every host read of a device tensor stalls the GPU's queue: a step makes one (loss and norm
+    together, which decide whether to update) and leaves its update queued."""
+    import minituner.step as step_module
+    model, masters, optimizer, scaler, batches = _step_setup(torch.bfloat16, True)
+    monkeypatch.setattr(step_module, "target_count", lambda labels: int((labels.numpy() != IGNORE_INDEX).sum()))
+    reads = _counting(monkeypatch, ["item", "tolist", "__bool__", "__float__", "__int__"])
+    out = train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3,
+                     max_grad_norm=1.0, runtime=CPU)
+    assert reads == ["tolist"] and not out["skipped"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unscale_clip_and_copy_back_are_not_per_tensor_loops(dtype, monkeypatch):
+    """One kernel per tensor per operation idles a GPU on launches; the _foreach ops take the
+    whole list at once. No Python-level mul_/copy_/add_ per parameter is left in a step."""
+    model, masters, optimizer, scaler, batches = _step_setup(dtype, dtype != torch.float32)
+    calls = _counting(monkeypatch, ["mul_", "copy_", "add_", "div_"])
+    train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3,
+               max_grad_norm=1e-3, runtime=CPU)  # a tiny max norm: clipping happens
+    assert len(masters.masters) > 5 and calls.count("mul_") + calls.count("copy_") + calls.count("div_") == 0
+    assert calls.count("add_") <= len(batches)  # the loss sum, once per micro-batch
+
+
+def test_gradients_live_in_one_flat_buffer_that_ranks_sum_in_place(monkeypatch):
+    """Summing gradients over ranks copies nothing: the masters' .grad are views into one float32
+    buffer, and a large contiguous tensor is all-reduced where it lies."""
+    import minituner.distributed as dist_module
+    for dtype in (torch.float32, torch.bfloat16):
+        model, masters, optimizer, scaler, batches = _step_setup(dtype, False)
+        start, end = masters.grad_buffer.data_ptr(), masters.grad_buffer.data_ptr() + 4 * masters.grad_buffer.numel()
+        model(batches[0]["input_ids"]).float().sum().backward()
+        masters.accumulate_grads()
+        assert all(start <= g.data_ptr() < end for g in masters.grads())
+        assert masters.grad_buffer.abs().sum() > 0  # autograd (fp32) or accumulate_grads (bf16) wrote there
+    reduced = []
+    monkeypatch.setattr(dist_module.dist, "all_reduce", lambda t: reduced.append(t.data_ptr()))
+    monkeypatch.setattr(dist_module, "_IN_PLACE_ELEMENTS", 1000)  # the toy's buffer counts as large
+    small = torch.zeros(3)
+    dist_module.all_reduce_sum_([masters.grad_buffer, small], Runtime(torch.device("cpu"), 0, 2))
+    assert reduced[0] == masters.grad_buffer.data_ptr() and len(reduced) == 2  # the buffer itself; the rest packed
+
+
+def test_the_step_runs_on_the_oldest_supported_torch(monkeypatch):
+    """torch.nn.utils.get_total_norm first shipped in 2.6, and pyproject allows 2.5."""
+    model, masters, optimizer, scaler, batches = _step_setup(torch.float32, False)
+    for name in ("get_total_norm", "clip_grads_with_norm_"):
+        monkeypatch.delattr(torch.nn.utils, name, raising=False)
+    out = train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3,
+                     max_grad_norm=1.0, runtime=CPU)
+    grads = torch.cat([p.detach().reshape(-1) for p in masters.masters])
+    assert out["grad_norm"] > 0 and not out["skipped"] and grads.isfinite().all()

@@ -14,14 +14,15 @@ import torch
 from minituner.batching import check_row_length
 from minituner.checkpoint import latest_checkpoint
 from minituner.datafile import check_fraction
-from minituner.distributed import Runtime
+from minituner.distributed import DIST_TIMEOUT_MINUTES, Runtime
 from minituner.errors import UserError
 from minituner.hf.folder import read_config
 from minituner.lora import ALPHA, DEFAULT_TARGETS, DROPOUT, RANK, check_lora
-from minituner.precision import POLICIES
+from minituner.precision import POLICIES, auto_dtype
 from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
+MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress")  # may differ when a run resumes
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # Library option names whose flag is not simply --the-name (errors.OptionError.as_flag).
 FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets",
@@ -70,8 +71,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "general text), spread over it (0 = all; validation data is always whole)")
     g = p.add_argument_group("hardware")
     g.add_argument("--precision", choices=["auto", *POLICIES], default="auto",
-                   help="compute dtype; weights and optimizer stay fp32 (auto = bf16 on CUDA, fp32 on CPU)")
+                   help="compute dtype; weights and optimizer stay fp32 (auto = bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun picks each process's GPU)")
+    g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="under torchrun: how long a rank waits in a collective for the others (rank 0 works alone "
+                        "while generating samples, scoring and writing checkpoints) before the run aborts")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, help="run folder (default runs/<script>-<date>-<time>)")
     g.add_argument("--resume", metavar="DIR", default=None,
@@ -83,7 +87,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
     """The options to run with: the command line's, or with --resume DIR those saved in DIR's
-    config.json (only --device and --no-progress may change: a run can move to another machine)."""
+    config.json (only the machine's flags may change: a run can move to another machine)."""
     if args.resume is None:
         args.out = args.out or default_out(script)
         return args
@@ -98,13 +102,15 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
         return value != saved.get(key)
 
     changed = [k for k, v in vars(args).items()  # (an option the run's config lacks, newer than it, is taken)
-               if k not in ("resume", "device", "no_progress") and k in saved and v != parser.get_default(k)
+               if k not in MACHINE_FLAGS and k in saved and v != parser.get_default(k)
                and differs(k, v)]
     if changed:
         print(f"note: --resume uses the run's saved options; ignoring --{changed[0].replace('_', '-')}"
               + (f" and {len(changed) - 1} more" if len(changed) > 1 else ""), file=sys.stderr)
     merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
-    merged.resume, merged.device, merged.no_progress, merged.out = args.resume, args.device, args.no_progress, args.resume
+    for key in MACHINE_FLAGS:
+        setattr(merged, key, getattr(args, key))
+    merged.out = args.resume
     return merged
 
 
@@ -240,6 +246,4 @@ def resolve_precision(name: str, device) -> str:
     """'auto' is bf16 on a GPU that computes it natively, fp16 on an older GPU, fp32 on the CPU."""
     if name != "auto":
         return name
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return next(policy for policy, dtype in POLICIES.items() if dtype == auto_dtype(device))

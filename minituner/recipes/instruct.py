@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    runtime = init_runtime(args.device)
+    runtime = init_runtime(args.device, args.dist_timeout)
     say = print if runtime.is_main else (lambda *a, **k: None)
     args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
     if args.builtin:

@@ -38,8 +38,10 @@ def print_outcome(summary: dict, samples: list[dict], written) -> None:
     if summary.get("restored_best"):
         print(f"early stopping restored the weights of step {summary['best_step']}")
     speed = f"{summary['tokens_per_s']:,.0f} tokens/s, " if summary.get("tokens_per_s") else ""
+    reserved = summary.get("peak_reserved_mib")
+    reserved = f" ({reserved:,.0f} MiB reserved by the allocator)" if reserved else ""
     print(f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
-          f"{speed}peak memory {summary['peak_memory_mib']:,.0f} MiB")
+          f"{speed}peak memory {summary['peak_memory_mib']:,.0f} MiB{reserved}")
     for s in samples:
         print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
     print("\nwritten: " + ", ".join(str(p) for p in written))
