@@ -38,9 +38,10 @@ from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dty
 from minituner.step import train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
-PRESETS = {  # SmolLM-135M's vocabulary and context with its shape; the tiny test models' (tests/fixtures)
+PRESETS = {  # a size preset's shape with its model's vocabulary and context (tiny: the test models', tests/fixtures)
     "smollm-135m": dict(vocab_size=49152, max_seq_len=2048),
     "tiny": dict(vocab_size=384, max_seq_len=256),
+    "qwen2.5-0.5b": dict(vocab_size=151936, max_seq_len=32768),  # Qwen2.5-0.5B's shape: 494 M parameters
 }
 
 
@@ -161,9 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minituner.bench", description="Measure throughput and peak memory.")
     # what to measure
     p.add_argument("--model", help="Hugging Face model folder (default: random weights of --preset)")
-    p.add_argument("--preset", default="smollm-135m", choices=sorted(PRESETS), help="model shape without --model")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per batch")
-    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model shape without --model (default smollm-135m; qwen2.5-0.5b for --gpu-check)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default 1; 4 for --gpu-check)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="tokens per prompt (default 256; 1024 for --gpu-check's training and packing)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; the best is reported")
     p.add_argument("--train", action="store_true",
@@ -183,7 +186,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto = bf16 on GPUs that have it, else fp16; fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    g = p.add_argument_group("the GPU check (minituner/gpucheck.py)")
+    g.add_argument("--gpu-check", action="store_true",
+                   help="check the whole CUDA path (training full and LoRA in bf16 and fp16, padded batched "
+                        "generation, packing, kill and resume, torchrun over every visible GPU, pytest -m cuda) and "
+                        "print a pass/fail table with tokens/s, MFU and peak memory; --preset sets the training "
+                        "shape (default qwen2.5-0.5b)")
+    g.add_argument("--checks", default=None, help="with --gpu-check: which checks, comma-separated (default all: "
+                                                  "training, generation, packing, resume, torchrun, cuda-tests)")
     args = p.parse_args(argv)
+    args.batch_size = args.batch_size or (4 if args.gpu_check else 1)
+    args.prompt_len = args.prompt_len or (1024 if args.gpu_check else 256)
     if min(args.batch_size, args.prompt_len, args.repeats) < 1 or args.new_tokens < 2:
         p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
     if args.lora_rank and args.freeze:
@@ -196,6 +209,11 @@ def run(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = use_device(args.device)
+    if args.gpu_check:
+        from minituner.gpucheck import main_check  # the check builds on this module
+        return main_check(device, args.preset or "qwen2.5-0.5b", args.checks, args.json,
+                          allow_cpu=args.device.startswith("cpu"), seq_len=args.prompt_len, batch_size=args.batch_size)
+    args.preset = args.preset or "smollm-135m"
     dtype = resolve_dtype(args.dtype, device)
     # Full training keeps float32 masters of every weight; a LoRA base is frozen, so it is built
     # in the compute dtype directly (as the instruction recipe does) and only the adapters get masters.

@@ -76,6 +76,7 @@ SIZE_PRESETS = {
     "small": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512),  # 1.6 M
     "medium": dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024),  # 12.6 M
     "smollm-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536),  # 106 M, SmolLM-135M's shape
+    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864, qkv_bias=True),  # 358 M + embeddings
 }
 
 

@@ -238,10 +238,14 @@ def _guard_cudnn_attention() -> None:
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask as the float one SDPA would make of it (0 where a query may attend, -inf
     where not), made once per forward pass: handed a bool mask, SDPA converts it in every
-    layer, and the memory-efficient kernel's backward keeps each layer's copy."""
+    layer, and the memory-efficient kernel's backward keeps each layer's copy. Its rows start
+    16 elements apart (the last dim is padded, then sliced off), as that kernel needs; with
+    any other row stride, SDPA would pad a copy in every layer again."""
     if mask is None:
         return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    S = mask.shape[-1]
+    rows = torch.zeros(*mask.shape[:-1], -(-S // 16) * 16, dtype=dtype, device=mask.device)
+    return rows[..., :S].masked_fill_(~mask, float("-inf"))
 
 
 class Attention(nn.Module):

@@ -21,6 +21,7 @@ from minituner.tokenizer import Tokenizer
 ROOT = Path(__file__).parent.parent  # the repository: train_instruct.py, train_finetune.py, minituner/
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = Path(__file__).parent / "data"
+GQA_CHECKPOINTS = ["llama31-tiny", "mistral-tiny", "qwen2-tiny", "smollm-tiny"]  # fewer key/value heads than query heads
 CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file() and (p / "reference.safetensors").is_file())
 
 
@@ -132,3 +133,13 @@ def logits(model, name: str) -> torch.Tensor:
 
 def deltas(model) -> dict:
     return {name: m.delta_weight() for name, m in lora_modules(model).items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped without one (pytest -m cuda runs only them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

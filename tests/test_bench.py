@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import FIXTURES
 from minituner.bench import main
@@ -71,3 +72,44 @@ def test_flops_count_matmul_weights_only(name):
     assert flops_per_token(model, 64) == 6 * matmul + attention
     model.requires_grad_(False)
     assert flops_per_token(model, 64) == 4 * matmul + attention
+
+
+# ----------------------------------------------------------------------------- the GPU check, dry-run on the CPU
+def gpu_check(*args) -> int:
+    return main(["--gpu-check", "--device", "cpu", "--preset", "tiny", "--prompt-len", "32", "--batch-size", "2",
+                 "--json", *args])
+
+
+def test_the_gpu_check_runs_its_rows_on_the_cpu_as_a_dry_run(capsys):
+    assert gpu_check("--checks", "training,generation,packing,torchrun,cuda-tests") == 0
+    report = json.loads(capsys.readouterr().out)
+    results = {row["check"]: row["result"] for row in report["rows"]}
+    assert results == {"train-full-bf16": "pass", "train-full-fp16": "pass", "train-lora-bf16": "pass",
+                       "train-lora-fp16": "pass", "generation": "pass", "packing": "pass",
+                       "torchrun": "skipped", "cuda-tests": "skipped"}
+    generation = next(row for row in report["rows"] if row["check"] == "generation")
+    assert "llama31-tiny" in generation["detail"] and generation["tokens_per_s"] > 0  # checked against HF's ids
+
+
+def test_a_failing_check_fails_the_command_and_says_why(capsys, monkeypatch):
+    from minituner import gpucheck
+    monkeypatch.setattr(gpucheck, "generate", lambda model, prompts, **kw: [[0] for _ in prompts])
+    assert gpu_check("--checks", "generation") == 1
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["result"] == "FAIL" and "differ from transformers'" in row["detail"]
+
+
+def test_the_gpu_check_needs_a_gpu_or_an_explicit_dry_run(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["--gpu-check"]) == 2
+    assert "--gpu-check needs a GPU; --device cpu runs it" in capsys.readouterr().err
+    assert gpu_check("--checks", "training,bogus") == 2
+    assert "--checks bogus: not a check" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_kill_and_resume_row(capsys):
+    assert gpu_check("--checks", "resume") == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["result"] == "pass" and "bit for bit" in row["detail"]  # on a CPU, exactly

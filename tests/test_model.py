@@ -161,7 +161,7 @@ def test_gqa_paths_agree_with_repeated_heads():
             assert (gqa(ids, **kwargs) - mha(ids, **kwargs)).abs().max() < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     ref = reference("llama31-tiny")
     model, _ = load_pretrained(FIXTURES / "llama31-tiny", device="cuda")
@@ -206,7 +206,8 @@ def _record_sdpa(monkeypatch) -> list[dict]:
 
 def test_every_layer_gets_one_float_mask_made_once_per_forward(monkeypatch):
     """A bool mask would be turned into a float one inside each layer's SDPA call (and kept by
-    each layer's backward); one float mask, made once, is shared by all layers."""
+    each layer's backward); one float mask, made once with rows aligned as the memory-efficient
+    kernel needs, is shared by all layers."""
     model, _ = load_pretrained(FIXTURES / "llama31-tiny")
     calls = _record_sdpa(monkeypatch)
     ids = reference("llama31-tiny")["input_ids"][:1, :12]
@@ -216,6 +217,7 @@ def test_every_layer_gets_one_float_mask_made_once_per_forward(monkeypatch):
         assert len(forward) == model.config.n_layers
         assert all(c["mask"] is forward[0]["mask"] for c in forward)
         assert forward[0]["mask"].dtype == torch.float32 and forward[0]["mask"].isneginf().any()
+        assert forward[0]["mask"].stride(-2) % 16 == 0  # else the memory-efficient kernel pads a copy per layer
 
 
 @pytest.mark.parametrize("capability, dtype, head_dim, eligible", [

@@ -76,7 +76,7 @@ def test_low_precision_follows_the_fp32_loss_curve(tmp_path, policy):
     assert max(abs(a - b) for a, b in zip(reference, low)) < 0.02
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("policy", ["fp32", "bf16", "fp16"])
 def test_training_on_cuda_follows_cpu(tmp_path, policy):
     args = ["--steps", "10", "--lr", "3e-3", "--n-val", "0"]

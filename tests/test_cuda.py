@@ -1,0 +1,85 @@
+"""What only a GPU can check (skipped without one; `python -m minituner.bench --gpu-check`
+runs these with the rest of the CUDA path): the kernels PyTorch picks for minituner's attention
+calls, padded grouped-query decoding, and padded logits, against Hugging Face's references."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from conftest import FIXTURES, GQA_CHECKPOINTS, reference
+from minituner.distributed import use_device
+from minituner.generate import generate
+from minituner.hf.folder import load_pretrained
+from minituner.model import flash_attention_eligible
+from minituner.precision import auto_dtype
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("name", GQA_CHECKPOINTS)
+def test_padded_grouped_query_decoding_matches_transformers(name):
+    ref = reference(name)
+    prompt = ref["prompt_ids"][0].tolist()
+    prompts = [prompt, prompt[3:], prompt[:2]]
+    n_new = ref["greedy_ids"].shape[1] - len(prompt)
+    gpu, _ = load_pretrained(FIXTURES / name, device="cuda")
+    cpu, _ = load_pretrained(FIXTURES / name)
+    batched = generate(gpu, prompts, max_new_tokens=n_new)
+    assert prompt + batched[0] == ref["greedy_ids"][0].tolist()
+    assert batched == [generate(cpu, [p], max_new_tokens=n_new)[0] for p in prompts]
+    low, _ = load_pretrained(FIXTURES / name, device="cuda", dtype=auto_dtype(torch.device("cuda")))
+    assert [len(row) for row in generate(low, prompts, max_new_tokens=n_new)] == [n_new] * 3
+
+
+@pytest.mark.parametrize("name", GQA_CHECKPOINTS)
+def test_padded_logits_match_transformers(name):
+    ref = reference(name)
+    for dtype, tolerance in ((torch.float32, 1e-4), (auto_dtype(torch.device("cuda")), 0.1)):
+        model, _ = load_pretrained(FIXTURES / name, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            logits = model(ref["padded_ids"].cuda(), attention_mask=ref["padded_mask"].cuda())
+        real = ref["padded_mask"].bool()
+        assert (logits.float().cpu()[real] - ref["padded_logits"][real]).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", GQA_CHECKPOINTS)
+def test_attention_never_needs_the_math_kernel(name, dtype):
+    """With the math kernel switched off, every attention call minituner makes (plain, padded,
+    packed, cached decoding with padding; forward and backward) still finds a fused kernel:
+    grouped-query attention does not quietly fall back to T x S memory per head."""
+    if dtype == torch.bfloat16 and auto_dtype(torch.device("cuda")) != torch.bfloat16:
+        pytest.skip("no native bf16 on this GPU")
+    model, _ = load_pretrained(FIXTURES / name, device="cuda", dtype=dtype)
+    ids = reference(name)["input_ids"].cuda()
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    documents = (torch.arange(ids.shape[1], device="cuda") >= ids.shape[1] // 2).long().expand_as(ids)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        for options in ({}, {"attention_mask": padded}, {"document_ids": documents}):
+            model(ids, **options).float().sum().backward()
+        prompt = reference(name)["prompt_ids"][0].tolist()
+        generate(model, [prompt, prompt[:3]], max_new_tokens=4)
+
+
+def test_flash_eligibility_agrees_with_pytorch():
+    """model.flash_attention_eligible decides when enable_gqa is safe; PyTorch's own check must agree."""
+    device = torch.device("cuda")
+    capability = torch.cuda.get_device_capability(device)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for head_dim in (64, 128, 256):
+            q = torch.zeros(1, 4, 16, head_dim, dtype=dtype, device=device)
+            kv = torch.zeros(1, 2, 16, head_dim, dtype=dtype, device=device)
+            try:
+                params = torch.backends.cuda.SDPAParams(q, kv, kv, None, 0.0, True, True)
+            except TypeError:
+                pytest.skip("this torch's SDPAParams takes other arguments")
+            if dtype == torch.bfloat16 and capability < (8, 0):
+                continue
+            assert torch.backends.cuda.can_use_flash_attention(params) == flash_attention_eligible(
+                capability, dtype, head_dim), (dtype, head_dim)
+
+
+def test_a_plain_cuda_device_comes_back_with_its_index_and_current():
+    device = use_device("cuda")
+    assert device.index == torch.cuda.current_device()
