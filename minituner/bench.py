@@ -74,6 +74,7 @@ def bench_inference(model: Transformer, *, batch_size: int, prompt_len: int, new
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' data sheets, by the words of the
 # GPU's name: "NVIDIA L40S" is an L40S, not an L40 and not an L4. The most specific entry first.
+# (AWS's A10G has no published data sheet, so it gets no MFU rather than a guessed peak.)
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
                ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
                ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0),

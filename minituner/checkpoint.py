@@ -231,6 +231,7 @@ def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runt
             print(f"warning: skipped {unreadable.name}, which cannot be read ({reason}); resuming from {path.name} "
                   f"(the unreadable one is kept as {aside.name})", file=sys.stderr)
         prune_bests(run_dir, keep={saved["best_step"]}, after=saved["step"])
+        print(f"resuming from {path.name}: step {saved['step']} of {trajectory.get('total_steps', '?')}")
     if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
         set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
     return saved

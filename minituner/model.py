@@ -187,8 +187,8 @@ def attend(q, k, v, mask, is_causal: bool) -> torch.Tensor:
     head among G = H // K query heads without copying it where the kernels allow.
 
     On CUDA only the flash kernel honours enable_gqa; wherever it cannot run (a mask, fp32, a
-    GPU before Ampere, D > 256) SDPA would quietly fall back to the math kernel, which keeps
-    a T x S score matrix per head. There, decoding (T == 1) folds the G query heads of a group
+    GPU before Ampere, a head dim it does not take) SDPA would quietly fall back to the math
+    kernel, which keeps a T x S score matrix per head. There, decoding (T == 1) folds the G query heads of a group
     into G "time steps" over the group's keys, and longer queries get each key/value head
     repeated G times, so that the memory-efficient kernel takes the call.
     """
@@ -196,7 +196,7 @@ def attend(q, k, v, mask, is_causal: bool) -> torch.Tensor:
     G = H // k.shape[1]
     if q.is_cuda:
         _guard_cudnn_attention()
-    if G == 1 or (mask is None and _kernel_shares_heads(q)):
+    if G == 1 or (mask is None and _kernel_shares_heads(q, k, is_causal)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)
     if T == 1:
         # (B, K, G, D): kernels may hand the output back with other strides (the CUDA memory-
@@ -207,17 +207,23 @@ def attend(q, k, v, mask, is_causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
-def _kernel_shares_heads(q: torch.Tensor) -> bool:
-    """Whether SDPA, given no mask, runs grouped-query attention in a fused kernel for q."""
+def _kernel_shares_heads(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
+    """Whether SDPA, given no mask, runs grouped-query attention in a fused kernel for q.
+
+    On CUDA that is the flash kernel, and PyTorch's own check decides whether it takes the call
+    (dtype, GPU generation, head dim, with or without gradients, flash switched on); its answer
+    is kept per combination of those."""
     if not q.is_cuda:
         return True  # the CPU kernels handle enable_gqa themselves
-    return flash_attention_eligible(torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1])
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    key = (q.device, q.dtype, q.shape[-1], training, is_causal, torch.backends.cuda.flash_sdp_enabled())
+    if key not in _FLASH_TAKES:
+        params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, is_causal, True)
+        _FLASH_TAKES[key] = torch.backends.cuda.can_use_flash_attention(params, False)
+    return _FLASH_TAKES[key]
 
 
-def flash_attention_eligible(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether PyTorch's CUDA flash kernel takes an unmasked call: fp16/bf16, a GPU of compute
-    capability 8.0 or newer, a head dim up to 256 and divisible by 8."""
-    return capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0
+_FLASH_TAKES: dict[tuple, bool] = {}
 
 
 # cuDNN's attention kernel, which recent PyTorch may prefer on sm90/sm100, corrupts grouped-query

@@ -96,28 +96,32 @@ class MasterWeights:
             model.to(device=device, dtype=dtype)
         # Every master's gradient is a view into one flat float32 buffer, so the gradients of all
         # ranks are summed in place, in one collective, with no copy in or out (see train_step).
-        # Under fp32 the parameters' own .grad are these views and autograd accumulates into them.
-        self.grad_buffer = torch.zeros(sum(m.numel() for m in self.masters), dtype=torch.float32, device=device)
+        # Under fp32 the parameters' own .grad are these views and autograd accumulates into them;
+        # under bf16/fp16 it accumulates into views of one flat compute-dtype buffer, which
+        # accumulate_grads adds into the float32 one in a single kernel.
+        n = sum(m.numel() for m in self.masters)
+        self.grad_buffer = torch.zeros(n, dtype=torch.float32, device=device)
+        self.low_buffer = None if self.masters is self.params else torch.zeros(n, dtype=dtype, device=device)
         self._attach_grads()
 
     def _attach_grads(self) -> None:
-        views = self.grad_buffer.split([m.numel() for m in self.masters])
-        for m, view in zip(self.masters, views):
+        sizes = [m.numel() for m in self.masters]
+        for m, view in zip(self.masters, self.grad_buffer.split(sizes)):
             m.grad = view.view_as(m)
+        if self.low_buffer is not None:
+            for p, view in zip(self.params, self.low_buffer.split(sizes)):
+                p.grad = view.view_as(p)
 
     def named_masters(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.names, self.masters))
 
     def accumulate_grads(self) -> None:
-        """Add the gradients of one backward pass into the masters' float32 .grad, in a few
-        kernels (the _foreach ops), and drop the compute-dtype ones."""
-        if self.masters is self.params:
-            return  # autograd already accumulated into the fp32 .grad
-        pairs = [(m.grad, p.grad) for p, m in zip(self.params, self.masters) if p.grad is not None]
-        if pairs:
-            torch._foreach_add_([m for m, _ in pairs], [g for _, g in pairs])  # upcasts into fp32
-        for p in self.params:
-            p.grad = None
+        """Add the gradients of one backward pass into the masters' float32 .grad (one kernel,
+        flat buffer into flat buffer), and zero the compute-dtype ones for the next pass."""
+        if self.low_buffer is None:
+            return  # fp32: autograd already accumulated into the masters' .grad
+        self.grad_buffer.add_(self.low_buffer)  # upcasts into fp32
+        self.low_buffer.zero_()
 
     def grads(self) -> list[torch.Tensor]:
         """The masters' gradients: views into `grad_buffer` (zero where nothing flowed this step)."""
@@ -127,15 +131,13 @@ class MasterWeights:
         """Zero the summed gradients, keeping their buffer (one kernel)."""
         self.grad_buffer.zero_()
         self._attach_grads()  # in case something replaced a .grad (a test, or a user's hook)
-        if self.masters is not self.params:
-            for p in self.params:
-                p.grad = None
 
     def release_grads(self) -> None:
-        """Free the gradient buffer once training is over (the model keeps no .grad)."""
-        for m in self.masters:
-            m.grad = None
-        self.grad_buffer = torch.zeros(0, dtype=torch.float32, device=self.grad_buffer.device)
+        """Free the gradient buffers once training is over (the model keeps no .grad)."""
+        for t in self.masters + ([] if self.low_buffer is None else self.params):
+            t.grad = None
+        self.grad_buffer = self.grad_buffer.new_zeros(0)
+        self.low_buffer = None if self.low_buffer is None else self.low_buffer.new_zeros(0)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

@@ -26,10 +26,23 @@ from minituner.optim import clip_grads_, grad_norm
 from minituner.precision import LossScaler, MasterWeights
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`, labels included. To a GPU they go from pinned memory
+    without blocking: a copy from ordinary memory makes the host wait for every queued kernel,
+    which would stall the GPU once per tensor per micro-batch."""
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)  # no copy where it already is
+
+    return {k: moved(v) for k, v in batch.items()}
+
+
 def forward_loss(model, batch: dict, device: torch.device) -> torch.Tensor:
     """Summed fp32 loss of one batch dict (see the module docstring for its keys)."""
-    optional = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
-    logits = model(batch["input_ids"].to(device), **optional)  # (B, T, V)
+    batch = to_device(batch, device)
+    optional = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    logits = model(batch["input_ids"], **optional)  # (B, T, V)
     return lm_loss_sum(logits, batch["labels"])
 
 
@@ -38,8 +51,9 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
     """One optimizer step over this rank's micro-batches. Returns the step's loss (mean over all
     its target tokens), gradient norm, whether it was skipped, and its token counts.
 
-    The host waits for the device once, to read the loss and norm that decide whether to step;
-    the update itself is left queued, so the caller can prepare the next batches meanwhile.
+    In one process the host waits for the device once, to read the loss and norm that decide
+    whether to step (batches go over without blocking, see to_device); the update itself is left
+    queued, so the caller can prepare the next batches meanwhile.
     """
     device = runtime.device
     # The step's token counts, over every micro-batch of every rank (float64 counts exactly).
@@ -52,6 +66,7 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
     if n_targets == 0:
         raise UserError("a training step has no target tokens: every label is masked; check the data's labels")
 
+    batches = [to_device(b, device) for b in batches]  # every copy queued before the first forward
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for batch in batches:
         loss = forward_loss(model, batch, device)  # fp32 sum over this micro-batch's targets

@@ -10,7 +10,6 @@ from conftest import FIXTURES, GQA_CHECKPOINTS, reference
 from minituner.distributed import use_device
 from minituner.generate import generate
 from minituner.hf.folder import load_pretrained
-from minituner.model import flash_attention_eligible
 from minituner.precision import auto_dtype
 
 pytestmark = pytest.mark.cuda
@@ -62,24 +61,42 @@ def test_attention_never_needs_the_math_kernel(name, dtype):
         generate(model, [prompt, prompt[:3]], max_new_tokens=4)
 
 
-def test_flash_eligibility_agrees_with_pytorch():
-    """model.flash_attention_eligible decides when enable_gqa is safe; PyTorch's own check must agree."""
-    device = torch.device("cuda")
-    capability = torch.cuda.get_device_capability(device)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for head_dim in (64, 128, 256):
-            q = torch.zeros(1, 4, 16, head_dim, dtype=dtype, device=device)
-            kv = torch.zeros(1, 2, 16, head_dim, dtype=dtype, device=device)
-            try:
-                params = torch.backends.cuda.SDPAParams(q, kv, kv, None, 0.0, True, True)
-            except TypeError:
-                pytest.skip("this torch's SDPAParams takes other arguments")
-            if dtype == torch.bfloat16 and capability < (8, 0):
-                continue
-            assert torch.backends.cuda.can_use_flash_attention(params) == flash_attention_eligible(
-                capability, dtype, head_dim), (dtype, head_dim)
-
-
 def test_a_plain_cuda_device_comes_back_with_its_index_and_current():
     device = use_device("cuda")
     assert device.index == torch.cuda.current_device()
+
+
+def _syncs(fn) -> int:
+    """How many synchronizing CUDA calls `fn` makes (PyTorch's sync debug mode warns on each)."""
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def test_a_training_step_and_a_decoded_token_wait_for_the_gpu_once():
+    """Host reads and copies from pageable memory each stall the GPU's queue: a step makes one
+    (its loss and norm), decoding one per token (are all rows done?)."""
+    import toy_train
+    from minituner.distributed import Runtime
+    from minituner.optim import build_optimizer
+    from minituner.precision import LossScaler, MasterWeights
+    from minituner.step import train_step
+    model = toy_train.build_model(0)
+    masters = MasterWeights(model, torch.bfloat16, torch.device("cuda"))
+    optimizer = build_optimizer(masters.named_masters(), lr=1e-3, weight_decay=0.0)
+    batches = [toy_train.collate(toy_train.make_examples(4, seed=s)) for s in (1, 2)]
+    options = dict(masters=masters, optimizer=optimizer, scaler=LossScaler(enabled=False), lr=1e-3, max_grad_norm=1.0,
+                   runtime=Runtime(torch.device("cuda", torch.cuda.current_device())))
+    train_step(model, batches, **options)  # warm-up: optimizer state
+    assert _syncs(lambda: train_step(model, batches, **options)) == 1
+    gpu, _ = load_pretrained(FIXTURES / "llama31-tiny", device="cuda")
+    prompt = reference("llama31-tiny")["prompt_ids"][0].tolist()
+    decode = [_syncs(lambda n=n: generate(gpu, [prompt, prompt[3:]], max_new_tokens=n, stop_ids=[-1])) for n in (5, 15)]
+    assert decode[1] - decode[0] == 10  # one per token (setting up and reading out happen once a call)

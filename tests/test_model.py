@@ -220,18 +220,6 @@ def test_every_layer_gets_one_float_mask_made_once_per_forward(monkeypatch):
         assert forward[0]["mask"].stride(-2) % 16 == 0  # else the memory-efficient kernel pads a copy per layer
 
 
-@pytest.mark.parametrize("capability, dtype, head_dim, eligible", [
-    ((9, 0), torch.bfloat16, 128, True), ((8, 0), torch.float16, 64, True),
-    ((7, 5), torch.float16, 128, False),  # T4: no flash kernel
-    ((7, 0), torch.float16, 128, False),  # V100
-    ((9, 0), torch.float32, 128, False),  # fp32: never flash
-    ((9, 0), torch.bfloat16, 512, False), ((9, 0), torch.bfloat16, 60, False),
-])
-def test_flash_eligibility_follows_pytorchs_rules(capability, dtype, head_dim, eligible):
-    from minituner.model import flash_attention_eligible
-    assert flash_attention_eligible(capability, dtype, head_dim) == eligible
-
-
 @pytest.mark.parametrize("name", ["llama31-tiny", "mistral-tiny", "qwen2-window-tiny"])
 def test_without_flash_grouped_heads_reach_kernels_that_need_equal_heads(name, monkeypatch):
     """Where flash cannot run (a mask, fp32, an old GPU), enable_gqa would send SDPA to the math
@@ -245,7 +233,7 @@ def test_without_flash_grouped_heads_reach_kernels_that_need_equal_heads(name, m
     with torch.no_grad():
         expected = [model(ids), model(ids, attention_mask=padded)]
         expected_ids = generate(model, _gqa_prompts(), max_new_tokens=4)
-        monkeypatch.setattr(model_module, "_kernel_shares_heads", lambda q: False)
+        monkeypatch.setattr(model_module, "_kernel_shares_heads", lambda q, k, is_causal: False)
         calls = _record_sdpa(monkeypatch)
         got = [model(ids), model(ids, attention_mask=padded)]
         assert generate(model, _gqa_prompts(), max_new_tokens=4) == expected_ids

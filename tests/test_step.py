@@ -111,6 +111,9 @@ def test_gradients_live_in_one_flat_buffer_that_ranks_sum_in_place(monkeypatch):
         model, masters, optimizer, scaler, batches = _step_setup(dtype, False)
         start, end = masters.grad_buffer.data_ptr(), masters.grad_buffer.data_ptr() + 4 * masters.grad_buffer.numel()
         model(batches[0]["input_ids"]).float().sum().backward()
+        if dtype != torch.float32:
+            low = masters.low_buffer.data_ptr()
+            assert all(low <= p.grad.data_ptr() < low + 2 * masters.low_buffer.numel() for p in masters.params)
         masters.accumulate_grads()
         assert all(start <= g.data_ptr() < end for g in masters.grads())
         assert masters.grad_buffer.abs().sum() > 0  # autograd (fp32) or accumulate_grads (bf16) wrote there
