@@ -134,3 +134,19 @@ def test_the_step_runs_on_the_oldest_supported_torch(monkeypatch):
                      max_grad_norm=1.0, runtime=CPU)
     grads = torch.cat([p.detach().reshape(-1) for p in masters.masters])
     assert out["grad_norm"] > 0 and not out["skipped"] and grads.isfinite().all()
+
+
+def test_no_unscaling_at_scale_one(monkeypatch):
+    """bf16 and fp32 steps have no loss scale: dividing every gradient by 1 is a wasted pass."""
+    model, masters, optimizer, scaler, batches = _step_setup(torch.bfloat16, False)
+    multiplied = []
+    real = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda tensors, factor: (multiplied.append(factor),
+                                                                         real(tensors, factor))[1])
+    train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3, max_grad_norm=0.0,
+               runtime=CPU)
+    assert multiplied == []  # no clipping asked for either
+    scaler = LossScaler(enabled=True, init_scale=1024.0)
+    train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3, max_grad_norm=0.0,
+               runtime=CPU)
+    assert multiplied == [1 / 1024.0]
