@@ -94,50 +94,63 @@ class MasterWeights:
             # master as model.to() gives the parameter a new tensor (Module.to keeps the Parameters).
             self.masters = [nn.Parameter(p.detach().to(device=device, dtype=torch.float32)) for p in self.params]
             model.to(device=device, dtype=dtype)
-        # Every master's gradient is a view into one flat float32 buffer, so the gradients of all
-        # ranks are summed in place, in one collective, with no copy in or out (see train_step).
-        # Under fp32 the parameters' own .grad are these views and autograd accumulates into them;
-        # under bf16/fp16 it accumulates into views of one flat compute-dtype buffer, which
-        # accumulate_grads adds into the float32 one in a single kernel.
-        n = sum(m.numel() for m in self.masters)
-        self.grad_buffer = torch.zeros(n, dtype=torch.float32, device=device)
-        self.low_buffer = None if self.masters is self.params else torch.zeros(n, dtype=dtype, device=device)
-        self._attach_grads()
-
-    def _attach_grads(self) -> None:
-        sizes = [m.numel() for m in self.masters]
-        for m, view in zip(self.masters, self.grad_buffer.split(sizes)):
-            m.grad = view.view_as(m)
-        if self.low_buffer is not None:
-            for p, view in zip(self.params, self.low_buffer.split(sizes)):
-                p.grad = view.view_as(p)
+        self.grad_buffer: torch.Tensor | None = None  # the step's float32 gradients, flat (see below)
 
     def named_masters(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.names, self.masters))
 
+    # Gradients. Under bf16/fp16 the masters' float32 gradients live in one flat buffer, made by
+    # the step's first accumulate_grads (after its backward pass, when the activations are gone:
+    # no higher peak than per-tensor gradients), so that summing them over ranks is one in-place
+    # collective. Under fp32 autograd accumulates into the parameters' own .grad; with several
+    # ranks begin_step(flat=True) first points those at views of one zeroed buffer (as DDP's
+    # gradient_as_bucket_view does), and alone they stay per tensor. Between steps none is kept.
+    def begin_step(self, flat: bool) -> None:
+        """Before a step's first backward: under fp32 with flat=True, gradients go to one buffer."""
+        if flat and self.masters is self.params:
+            self.grad_buffer = torch.zeros(sum(m.numel() for m in self.masters), dtype=torch.float32,
+                                           device=self.masters[0].device)
+            self._attach(self.grad_buffer)
+
+    def _attach(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        views = [view.view_as(m) for m, view in zip(self.masters, buffer.split([m.numel() for m in self.masters]))]
+        for m, view in zip(self.masters, views):
+            m.grad = view
+        return views
+
+    @torch.no_grad()
     def accumulate_grads(self) -> None:
-        """Add the gradients of one backward pass into the masters' float32 .grad (one kernel,
-        flat buffer into flat buffer), and zero the compute-dtype ones for the next pass."""
-        if self.low_buffer is None:
+        """Add the gradients of one backward pass into the masters' float32 .grad and drop the
+        compute-dtype ones: a copy the first time in a step, an add after, over all tensors at
+        once (_foreach ops; a parameter no gradient reached gets zeros the first time)."""
+        if self.masters is self.params:
             return  # fp32: autograd already accumulated into the masters' .grad
-        self.grad_buffer.add_(self.low_buffer)  # upcasts into fp32
-        self.low_buffer.zero_()
+        pairs = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
+        if self.grad_buffer is None:
+            self.grad_buffer = torch.zeros(sum(m.numel() for m in self.masters), dtype=torch.float32,
+                                           device=self.masters[0].device)
+            views = self._attach(self.grad_buffer)
+            if pairs:
+                torch._foreach_copy_([views[i] for i, _ in pairs], [g for _, g in pairs])  # upcasts into fp32
+        elif pairs:
+            torch._foreach_add_([self.masters[i].grad for i, _ in pairs], [g for _, g in pairs])
+        for p in self.params:
+            p.grad = None
 
     def grads(self) -> list[torch.Tensor]:
-        """The masters' gradients: views into `grad_buffer` (zero where nothing flowed this step)."""
+        """The masters' gradients, creating zero ones for parameters that got none this step."""
+        for m in self.masters:
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
         return [m.grad for m in self.masters]
 
     def zero_grads(self) -> None:
-        """Zero the summed gradients, keeping their buffer (one kernel)."""
-        self.grad_buffer.zero_()
-        self._attach_grads()  # in case something replaced a .grad (a test, or a user's hook)
-
-    def release_grads(self) -> None:
-        """Free the gradient buffers once training is over (the model keeps no .grad)."""
-        for t in self.masters + ([] if self.low_buffer is None else self.params):
-            t.grad = None
-        self.grad_buffer = self.grad_buffer.new_zeros(0)
-        self.low_buffer = None if self.low_buffer is None else self.low_buffer.new_zeros(0)
+        """Drop the step's gradients (their memory is free until the next backward)."""
+        self.grad_buffer = None
+        for m in self.masters:
+            m.grad = None
+        for p in self.params:
+            p.grad = None
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

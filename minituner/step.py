@@ -67,6 +67,7 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
         raise UserError("a training step has no target tokens: every label is masked; check the data's labels")
 
     batches = [to_device(b, device) for b in batches]  # every copy queued before the first forward
+    masters.begin_step(flat=runtime.world_size > 1)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for batch in batches:
         loss = forward_loss(model, batch, device)  # fp32 sum over this micro-batch's targets
@@ -74,8 +75,9 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
         masters.accumulate_grads()  # into fp32, so many micro-batches do not pile up bf16 rounding
         loss_sum += loss.detach()
 
-    grads = masters.grads()  # views into one flat float32 buffer
-    all_reduce_sum_([masters.grad_buffer, loss_sum.view(1)], runtime)  # ranks hold disjoint tokens: sum
+    grads = masters.grads()  # (views into one flat buffer under bf16/fp16, or fp32 with several ranks)
+    if runtime.world_size > 1:  # ranks hold disjoint tokens: sum, in place
+        all_reduce_sum_([masters.grad_buffer, loss_sum.view(1)], runtime)
     if scaler.scale != 1.0:
         torch._foreach_mul_(grads, 1.0 / scaler.scale)  # unscale before measuring or clipping
     norm = grad_norm(grads)

@@ -217,7 +217,6 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
                 save_run(run_dir, asdict(run), masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
     bar.close()
     synchronize(runtime.device)  # the last update has reached the weights before they are timed or read
-    masters.release_grads()
     summary = _finish(model, run, masters, extra_evals, collate, o, run_dir, runtime, metrics, session, total_steps,
                       global_batch)
     if locked:  # taken by this call, not by a script that goes on to export

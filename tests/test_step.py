@@ -105,24 +105,37 @@ def test_unscale_clip_and_copy_back_are_not_per_tensor_loops(dtype, monkeypatch)
 
 def test_gradients_live_in_one_flat_buffer_that_ranks_sum_in_place(monkeypatch):
     """Summing gradients over ranks copies nothing: the masters' .grad are views into one float32
-    buffer, and a large contiguous tensor is all-reduced where it lies."""
+    buffer (under fp32 only with several ranks, set up before the backward pass, so that
+    autograd accumulates into it), and a large contiguous tensor is all-reduced where it lies."""
     import minituner.distributed as dist_module
     for dtype in (torch.float32, torch.bfloat16):
         model, masters, optimizer, scaler, batches = _step_setup(dtype, False)
-        start, end = masters.grad_buffer.data_ptr(), masters.grad_buffer.data_ptr() + 4 * masters.grad_buffer.numel()
-        model(batches[0]["input_ids"]).float().sum().backward()
-        if dtype != torch.float32:
-            low = masters.low_buffer.data_ptr()
-            assert all(low <= p.grad.data_ptr() < low + 2 * masters.low_buffer.numel() for p in masters.params)
-        masters.accumulate_grads()
+        masters.begin_step(flat=True)
+        for batch in batches:
+            model(batch["input_ids"]).float().sum().backward()
+            masters.accumulate_grads()
+        buffer = masters.grad_buffer
+        start, end = buffer.data_ptr(), buffer.data_ptr() + 4 * buffer.numel()
         assert all(start <= g.data_ptr() < end for g in masters.grads())
-        assert masters.grad_buffer.abs().sum() > 0  # autograd (fp32) or accumulate_grads (bf16) wrote there
+        assert buffer.abs().sum() > 0  # autograd (fp32) or accumulate_grads (bf16) wrote there
     reduced = []
     monkeypatch.setattr(dist_module.dist, "all_reduce", lambda t: reduced.append(t.data_ptr()))
     monkeypatch.setattr(dist_module, "_IN_PLACE_ELEMENTS", 1000)  # the toy's buffer counts as large
     small = torch.zeros(3)
-    dist_module.all_reduce_sum_([masters.grad_buffer, small], Runtime(torch.device("cpu"), 0, 2))
-    assert reduced[0] == masters.grad_buffer.data_ptr() and len(reduced) == 2  # the buffer itself; the rest packed
+    dist_module.all_reduce_sum_([buffer, small], Runtime(torch.device("cpu"), 0, 2))
+    assert reduced[0] == buffer.data_ptr() and len(reduced) == 2  # the buffer itself; the rest packed
+
+
+def test_no_gradient_memory_is_held_before_a_backward_pass_in_one_process():
+    """A buffer made before the backward pass would sit beside the activations at their peak:
+    alone, an fp32 run keeps autograd's own gradients, and none survives a step."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model, masters, optimizer, scaler, batches = _step_setup(dtype, False)
+        masters.begin_step(flat=False)
+        assert masters.grad_buffer is None and all(p.grad is None for p in model.parameters())
+        train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3, max_grad_norm=1.0,
+                   runtime=CPU)
+        assert masters.grad_buffer is None and all(m.grad is None for m in masters.masters)
 
 
 def test_the_step_runs_on_the_oldest_supported_torch(monkeypatch):
