@@ -188,9 +188,9 @@ def attend(q, k, v, mask, is_causal: bool) -> torch.Tensor:
 
     On CUDA only the flash kernel honours enable_gqa; wherever it cannot run (a mask, fp32, a
     GPU before Ampere, a head dim it does not take) SDPA would quietly fall back to the math
-    kernel, which keeps a T x S score matrix per head. There, decoding (T == 1) folds the G query heads of a group
-    into G "time steps" over the group's keys, and longer queries get each key/value head
-    repeated G times, so that the memory-efficient kernel takes the call.
+    kernel, which keeps a T x S score matrix per head. There, decoding (T == 1) folds the G
+    query heads of a group into G "time steps" over the group's keys, and longer queries get
+    each key/value head repeated G times, so that the memory-efficient kernel takes the call.
     """
     B, H, T, D = q.shape
     G = H // k.shape[1]
