@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,30 +210,32 @@ def test_unsupported_model_type(tmp_path):
         load_pretrained(folder)
 
 
-def test_missing_tensor(tmp_path):
+def with_weights(tmp_path, edit) -> Path:
+    """A copy of the fixture whose model.safetensors `edit` (a function of the state dict) changed."""
     folder = copy_fixture(tmp_path)
     state = load_file(folder / "model.safetensors")
-    del state["model.layers.1.mlp.up_proj.weight"]
+    edit(state)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_missing_tensor(tmp_path):
+    folder = with_weights(tmp_path, lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(UserError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' missing"):
         load_pretrained(folder)
 
 
 def test_wrong_shape(tmp_path):
-    folder = copy_fixture(tmp_path)
-    state = load_file(folder / "model.safetensors")
-    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    folder = with_weights(tmp_path, lambda state: state.update({"model.layers.0.self_attn.k_proj.weight":
+                                                                torch.zeros(64, 64)}))
     with pytest.raises(UserError, match=r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(64, 64\), "
                                         r"but config\.json implies \(32, 64\)"):
         load_pretrained(folder)
 
 
 def test_unexpected_tensor(tmp_path):
-    folder = copy_fixture(tmp_path)
-    state = load_file(folder / "model.safetensors")
-    state["model.layers.2.mlp.up_proj.weight"] = torch.zeros(176, 64)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    folder = with_weights(tmp_path, lambda state: state.update({"model.layers.2.mlp.up_proj.weight":
+                                                                torch.zeros(176, 64)}))
     with pytest.raises(UserError, match=r"unexpected tensor 'model\.layers\.2\.mlp\.up_proj\.weight'"):
         load_pretrained(folder)
 
