@@ -5,21 +5,29 @@ A conversation is a list of messages {"role": "system"|"user"|"assistant"|"tool"
 A system message may only come first, and the last message is the assistant's (it is what is
 trained). An Alpaca user message may also carry "input": str, kept apart so that the alpaca
 template can print it under its own "### Input:" header; other templates join the two.
+Tool use, in transformers' shapes: the function schemas a record offers ride on its first
+message, a system message ("tools": [schema, ...]; its content "" if the record had no system
+text); an assistant message that calls functions has "tool_calls": [{"type": "function",
+"function": {"name", "arguments"}}] (its content may be ""); a tool's reply is a "tool" message.
+A model's own chat template receives them as apply_chat_template does (tools=..., tool_calls);
+minituner's templates write them as text (templates.message_text).
 
 Layouts ("formats"), told apart by the first record's keys unless named:
   alpaca    {"instruction", "input"?, "output"}, with the column names of common variants:
             "response" for "output" (GPTeacher, Dolly), "context" for "input" (Dolly), an
             optional "system", and self-instruct's {"instruction", "instances": [{"input",
             "output"}, ...]}, which gives one conversation per instance.
-  messages  {"messages": [{"role", "content"}, ...]} (OpenAI style). A content may be a list of
-            typed parts [{"type": "text", "text": ...}]; its text parts are concatenated, as
-            chat templates do. KTO data marks undesirable answers with "label": false; those
-            records must not be imitated, so they are skipped and counted.
+  messages  {"messages": [{"role", "content"}, ...], "tools"?} (OpenAI style). A content may be a
+            list of typed parts [{"type": "text", "text": ...}]; its text parts are concatenated,
+            as chat templates do. An assistant message may carry "tool_calls" (then its content
+            may be empty or null), a tool message "name" and "tool_call_id". KTO data marks
+            undesirable answers with "label": false; those records must not be imitated, so
+            they are skipped and counted.
   sharegpt  {"conversations": [{"from", "value"}, ...], "system"?, "tools"?}. Tool-calling data
-            (glaive, LLaMA-Factory) adds "function_call" (what the assistant writes: trained) and
-            "observation" (what the tool answered: a masked "tool" turn). "tools" holds function
-            schemas, often as a JSON-encoded string; they are described in the system message so
-            that the model sees which functions exist.
+            (glaive, LLaMA-Factory) adds "function_call" (what the assistant writes: trained; a
+            JSON {"name", "arguments"} becomes a tool call) and "observation" (what the tool
+            answered: a masked "tool" turn). "tools" holds function schemas, often as a
+            JSON-encoded string.
 
 A file is a JSON array or JSON lines; which one is decided by its content, since `.json` files
 often hold JSON lines. Errors name the file and the JSONL line (or the array's record number).
@@ -204,21 +212,44 @@ def _messages(record: dict) -> list[list[dict]]:
     if not isinstance(label, bool):
         raise UserError(f'field "label" should be true or false, found {type_name(label)}')
     items = _list(record, "messages")
-    return [_checked("messages", [_in_item(f"messages[{i}]", _message, m) for i, m in enumerate(items)])]
+    messages = [_in_item(f"messages[{i}]", _message, m) for i, m in enumerate(items)]
+    return [_checked("messages", _with_tools(messages, "", _tool_list(record)))]
 
 
 def _message(item: dict) -> dict:
     role = _text(item, ("role",))
     if role not in ROLES:
         raise UserError(f'role "{role}" is not one of {", ".join(ROLES)}')
-    if "content" not in item:
+    calls = item.get("tool_calls") if role == "assistant" else None
+    if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+        raise UserError(f'field "tool_calls" should be a list of objects, found {type_name(calls)}')
+    if "content" not in item and not calls:
         raise UserError('field "content" is missing')
-    content = item["content"]
+    content = item.get("content")
     if isinstance(content, list):  # typed parts: only text can be trained on here
         content = "".join(_in_item(f"content[{i}]", _text_part, part) for i, part in enumerate(content))
+    elif content is None and calls:
+        content = ""
     elif not isinstance(content, str):
         raise UserError(f'field "content" should be a string or a list of text parts, found {type_name(content)}')
-    return {"role": role, "content": content}
+    message = {"role": role, "content": content}
+    if calls:
+        message["tool_calls"] = [_in_item(f"tool_calls[{i}]", _tool_call, c) for i, c in enumerate(calls)]
+    for key in ("name", "tool_call_id") if role == "tool" else ():
+        if isinstance(item.get(key), str):
+            message[key] = item[key]
+    return message
+
+
+def _tool_call(call: dict) -> dict:
+    """A tool call in OpenAI's shape {"type": "function", "function": {"name", "arguments"}}
+    (a bare {"name", "arguments"} is wrapped)."""
+    if "function" not in call:
+        call = {"type": "function", "function": call}
+    if not isinstance(call["function"], dict):
+        raise UserError(f'field "function" should be an object, found {type_name(call["function"])}')
+    _text(call["function"], ("name",))
+    return {"type": "function", **call}
 
 
 def _text_part(part: dict) -> str:
@@ -233,21 +264,32 @@ def _sharegpt(record: dict) -> list[list[dict]]:
     system = _text(record, ("system",), required=False)
     if system and turns[0]["role"] == "system":
         raise UserError('both a "system" field and a system turn: keep one')
-    tools = _tool_list(record)
-    if tools:  # the model can only call functions it was told about
-        if turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": system})
-        turns[0]["content"] = describe_tools(turns[0]["content"], tools)
-    elif system:
-        turns.insert(0, {"role": "system", "content": system})
-    return [turns]
+    return [_with_tools(turns, system, _tool_list(record))]
+
+
+def _with_tools(messages: list[dict], system: str, tools: list) -> list[dict]:
+    """`messages` opened by a system message (theirs, or one of `system` text) carrying `tools`, the
+    function schemas the model may call; unchanged if both are empty."""
+    if not tools and not system:
+        return messages
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return [{**messages[0], "tools": tools} if tools else messages[0]] + messages[1:]
 
 
 def _turn(item: dict) -> dict:
     speaker = _text(item, ("from",))
     if speaker not in SHAREGPT_ROLES:
         raise UserError(f'speaker "{speaker}" is not one of {", ".join(SHAREGPT_ROLES)}')
-    return {"role": SHAREGPT_ROLES[speaker], "content": _text(item, ("value",), required=False)}
+    value = _text(item, ("value",), required=False)
+    if speaker == "function_call":  # {"name": ..., "arguments": ...}: a tool call, if it reads as one
+        try:
+            call = json.loads(value)
+        except json.JSONDecodeError:
+            call = None
+        if isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call:
+            return {"role": "assistant", "content": "", "tool_calls": [_tool_call(call)]}
+    return {"role": SHAREGPT_ROLES[speaker], "content": value}
 
 
 def _tool_list(record: dict) -> list:
@@ -260,17 +302,9 @@ def _tool_list(record: dict) -> list:
             raise UserError(f'field "tools" is a string but not JSON ({e.msg} at column {e.colno})') from None
     if isinstance(tools, dict):
         tools = [tools]
-    if tools is not None and not isinstance(tools, list):
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise UserError(f'field "tools" should be a list of function schemas, found {type_name(tools)}')
     return tools or []
-
-
-def describe_tools(system: str, tools: list) -> str:
-    """`system` followed by a description of the callable functions, one JSON schema a line."""
-    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-    intro = ('You can call these functions. To call one, answer with a JSON object '
-             '{"name": <function name>, "arguments": <its arguments>}:\n')
-    return (system + "\n\n" if system else "") + intro + listing
 
 
 def _checked(key: str, messages: list[dict]) -> list[dict]:
@@ -278,7 +312,7 @@ def _checked(key: str, messages: list[dict]) -> list[dict]:
     for i, message in enumerate(messages):
         if message["role"] == "system" and i > 0:
             raise UserError(f"{key}[{i}]: a system message may only come first")
-        if message["role"] == "assistant" and not message["content"].strip():
+        if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise UserError(f"{key}[{i}]: the assistant's content is empty")
     if messages[-1]["role"] != "assistant":
         raise UserError(f'the last message is from "{messages[-1]["role"]}"; a training conversation '

@@ -33,9 +33,10 @@ An example left with no trained token after position 0 (which no token predicts)
 
 from itertools import groupby
 
+from minituner import chat_template
 from minituner.errors import UserError
 from minituner.loss import IGNORE_INDEX
-from minituner.templates import EOS, MARKUP, check_template, generation_prompt, render
+from minituner.templates import EOS, MARKUP, MODEL, check_template, generation_prompt, render
 
 MIN_PROMPT_SHARE = 0.5  # of max_len, the least a prompt is cut down to before the response is cut
 MASK_OPEN, MASK_CLOSE = "⟦", "⟧"
@@ -45,7 +46,9 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
                    source: str | None = None) -> tuple[list[dict], dict]:
     """Training examples of `conversations` in `template`, at most max_len tokens each, and stats:
     {"examples": kept, "truncated": of those, shortened to fit, "dropped": no room for a response,
-     "tokens": of the examples kept, "trained_tokens": of those, carrying loss (labels[1:] set, as in loss.py)}.
+     "tokens": of the examples kept, "trained_tokens": of those, carrying loss (labels[1:] set, as in loss.py),
+     "straddling": trained tokens reaching over a trained span's boundary (template model, see chat_template.py),
+     "per_turn": conversations taken one assistant turn per example (template model, see chat_template.py)}.
 
     train_on_prompt: label every token, prompt included (an ablation; truncation is unchanged).
     source: the data's name for error messages.
@@ -54,18 +57,27 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
     where = f"{source}: " if source else ""
     if not conversations:
         raise UserError(f"{where}no conversations to make training examples from")
-    examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "trained_tokens": 0}
-    for conversation in conversations:
-        example, truncated = build_example(conversation, tokenizer, template, max_len=max_len,
-                                           train_on_prompt=train_on_prompt)
-        if example is None:
-            stats["dropped"] += 1
-            continue
-        examples.append(example)
-        stats["examples"] += 1
-        stats["truncated"] += truncated
-        stats["tokens"] += len(example["input_ids"])
-        stats["trained_tokens"] += sum(label != IGNORE_INDEX for label in example["labels"][1:])
+    examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "trained_tokens": 0,
+                           "straddling": 0, "per_turn": 0}
+    for n, conversation in enumerate(conversations, 1):
+        try:
+            built = [_build(conversation, tokenizer, template, max_len, train_on_prompt)]
+        except chat_template.TurnsRewritten:
+            stats["per_turn"] += 1
+            built = [_build(turn, tokenizer, template, max_len, train_on_prompt)
+                     for turn in chat_template.per_turn(conversation)]
+        except UserError as e:
+            raise UserError(f"{where}conversation {n}: {e}") from None
+        for example, truncated, straddling in built:
+            if example is None:
+                stats["dropped"] += 1
+                continue
+            examples.append(example)
+            stats["examples"] += 1
+            stats["truncated"] += truncated
+            stats["straddling"] += straddling
+            stats["tokens"] += len(example["input_ids"])
+            stats["trained_tokens"] += sum(label != IGNORE_INDEX for label in example["labels"][1:])
     if not examples:
         raise UserError(f"{where}no training example fits in max_len={max_len} tokens: all {len(conversations)} "
                         "conversations leave no room for a response token; use a longer max_len")
@@ -76,15 +88,28 @@ def build_example(conversation: list[dict], tokenizer, template: str, *, max_len
                   train_on_prompt: bool = False) -> tuple[dict | None, bool]:
     """(example, truncated): one conversation as input_ids and labels, or (None, True) if no
     response token fits in max_len."""
-    ids, trained = tokenize_segments(render(conversation, template), tokenizer)
+    return _build(conversation, tokenizer, template, max_len, train_on_prompt)[:2]
+
+
+def _build(conversation, tokenizer, template, max_len, train_on_prompt) -> tuple[dict | None, bool, int]:
+    """build_example's (example, truncated), and the count of straddling trained tokens."""
+    ids, trained, straddling = encode_conversation(conversation, tokenizer, template)
     assert any(trained), "a conversation ends with an assistant answer, which is trained"
     truncated = len(ids) > max_len
     if truncated:
         ids, trained = _truncate(conversation, tokenizer, template, max_len, ids, trained)
     if not any(trained[1:]):  # no token predicts position 0: a response token there trains nothing
-        return None, truncated
+        return None, truncated, 0
     labels = list(ids) if train_on_prompt else [t if k else IGNORE_INDEX for t, k in zip(ids, trained)]
-    return {"input_ids": ids, "labels": labels}, truncated
+    return {"input_ids": ids, "labels": labels}, truncated, straddling
+
+
+def encode_conversation(conversation: list[dict], tokenizer, template: str) -> tuple[list[int], list[bool], int]:
+    """(ids, trained, straddling): the conversation in `template` as token ids, whether each trains,
+    and how many trained tokens reach over a span's boundary (only the model's template has them)."""
+    if template == MODEL:
+        return chat_template.encode(tokenizer, *chat_template.trained_text(tokenizer, conversation))
+    return *tokenize_segments(render(conversation, template), tokenizer), 0
 
 
 def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
@@ -104,9 +129,24 @@ def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
 
 
 def prompt_ids(conversation: list[dict], tokenizer, template: str) -> list[int]:
-    """Token ids a model continues to answer `conversation` (see templates.generation_prompt),
-    tokenised exactly as in training."""
+    """Token ids a model continues to answer `conversation` (see templates.generation_prompt; for
+    the model's template, its rendering with add_generation_prompt), tokenised as in training."""
+    if template == MODEL:
+        if conversation and conversation[-1]["role"] == "assistant":
+            conversation = conversation[:-1]
+        messages, tools = chat_template.hf_messages(conversation)
+        text = chat_template.render(tokenizer, messages, tools=tools, add_generation_prompt=True)
+        return tokenizer.encode_with_offsets(text)[0]
     return tokenize_segments(generation_prompt(conversation, template), tokenizer)[0]
+
+
+def n_prefix(ids: list[int], tokenizer) -> int:
+    """How many of `ids` open every text and are kept when a prompt is cut: the tokenizer's
+    prefix_ids (BOS) where they lead, or a BOS that the model's template wrote."""
+    prefix = list(tokenizer.prefix_ids)
+    if prefix and ids[:len(prefix)] == prefix:
+        return len(prefix)
+    return int(bool(ids) and tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id)
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -117,13 +157,13 @@ def _truncate(conversation, tokenizer, template, max_len, ids, trained) -> tuple
         if shorter is None:
             break
         conversation = shorter
-        ids, trained = tokenize_segments(render(conversation, template), tokenizer)
-    n_prefix = len(tokenizer.prefix_ids)
-    prompt = trained.index(True) - n_prefix  # prompt tokens between BOS and the first response token
+        ids, trained, _ = encode_conversation(conversation, tokenizer, template)
+    kept = n_prefix(ids, tokenizer)
+    prompt = trained.index(True) - kept  # prompt tokens between BOS and the first response token
     keep = min(prompt, int(max_len * MIN_PROMPT_SHARE))
     cut = max(0, min(len(ids) - max_len, prompt - keep))
-    ids = ids[:n_prefix] + ids[n_prefix + cut:]
-    trained = trained[:n_prefix] + trained[n_prefix + cut:]
+    ids = ids[:kept] + ids[kept + cut:]
+    trained = trained[:kept] + trained[kept + cut:]
     return ids[:max_len], trained[:max_len]
 
 

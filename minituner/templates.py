@@ -24,9 +24,13 @@ Templates:
           The answer ends with EOS; the BOS is the tokenizer's prefix_ids, added once.
   plain   The prompt's text, a newline, the response, EOS: the least scaffolding that works.
 
-`default_template` reads the model's own chat template (chat_template in tokenizer_config.json, or
-chat_template.jinja) for the markers of these formats, then falls back to the special tokens the
-tokenizer has; a model with neither (a base model such as GPT-2) gets alpaca.
+model   The model folder's own Jinja chat template (chat_template.jinja, or "chat_template" in
+          tokenizer_config.json), rendered as transformers renders it: minituner/chat_template.py,
+          which also derives what trains from the rendering. Instruct models' default.
+
+`default_template` picks model when the folder has a chat template (one written by minituner, which
+names its format in a Jinja comment, gives that format back); without one, chatml or llama3 if the
+tokenizer has their special tokens, else alpaca (a base model such as GPT-2).
 
 A tokenizer that lacks a template's special tokens is refused (check_template) rather than
 extended: adding tokens means resizing the embedding and output layers and training new rows from
@@ -34,21 +38,21 @@ random initialisation, which a small fine-tune does badly and which makes the ch
 shape from its base model. Pick a template the tokenizer has tokens for, e.g. alpaca.
 """
 
+import json
 import re
 from typing import NamedTuple
 
+from minituner.chat_template import compile_template, end_of_turn_ids, template_source, template_text
 from minituner.errors import UserError
 
 CONTENT, MARKUP, EOS = "content", "markup", "eos"
-TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "plain")
+TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "plain")  # minituner's own renderers
+MODEL = "model"  # the model folder's own chat template
 # Tokens each template's scaffolding needs, each as one token of the vocabulary.
 SPECIAL_TOKENS = {"alpaca": (), "plain": (), "mistral": (), "chatml": ("<|im_start|>", "<|im_end|>"),
                   "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 # The token that ends an assistant turn; None: the tokenizer's EOS.
 END_TOKEN = {"alpaca": None, "plain": None, "mistral": None, "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
-# What a model's own chat template (Jinja text) writes, for each of ours, in the order tried.
-CHAT_TEMPLATE_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral"),
-                         ("### Instruction", "alpaca"))
 
 ALPACA_INTRO = ("Below is an instruction that describes a task. "
                 "Write a response that appropriately completes the request.")
@@ -84,16 +88,31 @@ def _append(segments: list[Segment], segment: Segment) -> None:
         segments.append(segment)
 
 
-def user_text(message: dict) -> str:
-    """A user message's text, with an Alpaca "input" after the instruction and a blank line."""
-    return message["content"] + ("\n\n" + message["input"] if message.get("input") else "")
+def message_text(message: dict) -> str:
+    """A message's text as minituner's templates write it: an Alpaca "input" after the instruction
+    and a blank line; the functions a system message carries described after its text; an
+    assistant's tool calls as JSON objects {"name": ..., "arguments": ...} on lines of their own."""
+    text = message["content"] + ("\n\n" + message["input"] if message.get("input") else "")
+    if message.get("tools") is not None:
+        text = describe_tools(text, message["tools"])
+    calls = [call.get("function", call) for call in message.get("tool_calls") or ()]
+    lines = [json.dumps({"name": c.get("name"), "arguments": c.get("arguments")}, ensure_ascii=False) for c in calls]
+    return "\n".join(([text] if text else []) + lines)
+
+
+def describe_tools(system: str, tools: list) -> str:
+    """`system` followed by a description of the callable functions, one JSON schema a line."""
+    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    intro = ('You can call these functions. To call one, answer with a JSON object '
+             '{"name": <function name>, "arguments": <its arguments>}:\n')
+    return (system + "\n\n" if system else "") + intro + listing
 
 
 # ----------------------------------------------------------------------------- the templates
 def _alpaca(conversation: list[dict]):
     messages = list(conversation)
     if messages and messages[0]["role"] == "system":
-        intro = messages.pop(0)["content"]
+        intro = message_text(messages.pop(0))
     else:
         first_user = next((m for m in messages if m["role"] == "user"), {})
         intro = ALPACA_INTRO_WITH_INPUT if first_user.get("input") else ALPACA_INTRO
@@ -111,7 +130,7 @@ def _alpaca(conversation: list[dict]):
             yield Segment(message["content"], False)
         else:
             yield Segment("### Response:\n", False, MARKUP)
-            yield Segment(message["content"], True)
+            yield Segment(message_text(message), True)
             yield Segment("", True, EOS)
 
 
@@ -119,7 +138,7 @@ def _chatml(conversation: list[dict]):
     for message in conversation:
         trained = message["role"] == "assistant"
         yield Segment(f"<|im_start|>{message['role']}\n", False, MARKUP)
-        yield Segment(user_text(message), trained)
+        yield Segment(message_text(message), trained)
         yield Segment("<|im_end|>", trained, MARKUP)
         yield Segment("\n", False, MARKUP)  # scaffolding before the next turn: not the model's to write
 
@@ -129,20 +148,20 @@ def _llama3(conversation: list[dict]):
         trained = message["role"] == "assistant"
         role = "ipython" if message["role"] == "tool" else message["role"]
         yield Segment(f"<|start_header_id|>{role}<|end_header_id|>\n\n", False, MARKUP)
-        yield Segment(user_text(message), trained)
+        yield Segment(message_text(message), trained)
         yield Segment("<|eot_id|>", trained, MARKUP)
 
 
 def _mistral(conversation: list[dict]):
     messages = list(conversation)
-    system = messages.pop(0)["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+    system = message_text(messages.pop(0)) + "\n\n" if messages and messages[0]["role"] == "system" else ""
     for message in messages:
         if message["role"] == "assistant":
-            yield Segment(message["content"], True)
+            yield Segment(message_text(message), True)
             yield Segment("", True, EOS)
         else:  # the space goes with the text, where a tokenizer reading the whole string merges it
             yield Segment("[INST]", False, MARKUP)
-            yield Segment(" " + system + user_text(message), False)
+            yield Segment(" " + system + message_text(message), False)
             yield Segment(" [/INST]", False, MARKUP)
             system = ""
 
@@ -150,10 +169,10 @@ def _mistral(conversation: list[dict]):
 def _plain(conversation: list[dict]):
     for message in conversation:
         if message["role"] == "assistant":
-            yield Segment(message["content"], True)
+            yield Segment(message_text(message), True)
             yield Segment("", True, EOS)
         else:
-            yield Segment(user_text(message), False)
+            yield Segment(message_text(message), False)
             yield Segment("\n\n" if message["role"] == "system" else "\n", False, MARKUP)
 
 
@@ -176,9 +195,12 @@ def generation_prompt(conversation: list[dict], template: str) -> list[Segment]:
 
 def stop_ids(template: str, tokenizer) -> list[int]:
     """Token ids that end a generated answer: the template's end-of-turn token and the tokenizer's."""
-    end = END_TOKEN[template]
     ids = set(tokenizer.stop_ids)
-    ids.add(tokenizer.token_to_id(end) if end else tokenizer.eos_id)
+    if template == MODEL:
+        ids |= end_of_turn_ids(tokenizer) | {tokenizer.eos_id}
+    else:
+        end = END_TOKEN[template]
+        ids.add(tokenizer.token_to_id(end) if end else tokenizer.eos_id)
     return sorted(i for i in ids if i is not None)
 
 
@@ -224,9 +246,17 @@ def _is_single_token(tokenizer, token: str) -> bool:
 
 
 def check_template(template: str, tokenizer) -> None:
-    """A UserError if `tokenizer` cannot write `template`: a special token it lacks, or no EOS."""
+    """A UserError if `tokenizer` cannot write `template`: a special token it lacks, or no EOS;
+    for model, no chat template in the folder, or one that does not compile."""
+    if template == MODEL:
+        text = template_text(tokenizer)
+        if text is None:
+            raise UserError("--template model: the model folder has no chat template (chat_template.jinja, or "
+                            f'"chat_template" in tokenizer_config.json); use one of {", ".join(TEMPLATES)}')
+        compile_template(text, template_source(tokenizer))
+        return
     if template not in RENDERERS:
-        raise UserError(f'template "{template}" is not one of {", ".join(TEMPLATES)}')
+        raise UserError(f'template "{template}" is not one of {MODEL}, {", ".join(TEMPLATES)}')
     for token in SPECIAL_TOKENS[template]:
         if not _is_single_token(tokenizer, token):
             raise UserError(f'the {template} template needs "{token}" as one token, and this tokenizer has none; '
@@ -237,17 +267,14 @@ def check_template(template: str, tokenizer) -> None:
 
 
 def default_template(tokenizer) -> str:
-    """The format of the model's own chat template if it is one of ours; else chatml if the
-    tokenizer has ChatML's tokens, llama3 if it has Llama 3's, else alpaca."""
-    own = tokenizer.chat_template_file or tokenizer.tokenizer_config.get("chat_template")
-    if isinstance(own, list):  # several named templates: [{"name": "default", "template": ...}, ...]
-        own = next((t.get("template") for t in own if isinstance(t, dict) and t.get("name") == "default"), None)
-    named = re.match(r"\{# minituner template: (\w+) #\}", own) if isinstance(own, str) else None
+    """model if the folder has a chat template (the named format if minituner wrote it); else
+    chatml if the tokenizer has ChatML's tokens, llama3 if it has Llama 3's, else alpaca."""
+    own = template_text(tokenizer)
+    named = re.match(r"\{# minituner template: (\w+) #\}", own) if own is not None else None
     if named and named[1] in RENDERERS:  # a model tuned here: the format it was tuned on
         return named[1]
-    for marker, template in CHAT_TEMPLATE_MARKERS:
-        if isinstance(own, str) and marker in own and all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS[template]):
-            return template
+    if own is not None:
+        return MODEL
     if all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS["chatml"]):
         return "chatml"
     if all(_is_single_token(tokenizer, t) for t in SPECIAL_TOKENS["llama3"]):

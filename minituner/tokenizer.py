@@ -62,6 +62,13 @@ class Tokenizer:
         contents = sorted((t.content for t in added.values()), key=len, reverse=True)
         return set(added), re.compile("(" + "|".join(map(re.escape, contents)) + ")" if contents else "(?!)")
 
+    @cached_property
+    def special_pattern(self) -> re.Pattern:
+        """A pattern matching the special tokens (added tokens marked special: <|im_end|>, </s>, ...)."""
+        added = self.backend.get_added_tokens_decoder().values()
+        contents = sorted((t.content for t in added if t.special), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, contents)) if contents else "(?!)")
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included: the embedding needs at least this many rows."""
@@ -80,6 +87,12 @@ class Tokenizer:
         """
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (special-token strings in it become their ids, no BOS/EOS added) and
+        each token's (start, end) characters in it."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def encode_text(self, text: str, *, specials_as_text: bool = True, previous: int | None = None) -> list[int]:
         """Token ids of data text, no BOS/EOS added.

@@ -6,6 +6,7 @@ from conftest import DATA
 from minituner.datafile import split_validation
 from minituner.errors import UserError
 from minituner.formats import read_conversations
+from minituner.templates import message_text
 
 
 def raw(name):
@@ -77,11 +78,29 @@ def test_sharegpt_tool_calls_and_tool_list():
     records = raw("llamafactory_glaive_toolcall_en_demo.json")
     system, *turns = conversations[0]
     assert [t["role"] for t in turns] == ["user", "assistant", "tool", "assistant"]  # function_call, observation
-    assert [t["content"] for t in turns] == [t["value"] for t in records[0]["conversations"]]
-    assert system["role"] == "system"
+    call = json.loads(records[0]["conversations"][1]["value"])
+    assert turns[1] == {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
+    # minituner's own templates write the call and the other turns as the record's text
+    assert [message_text(t) for t in turns] == [t["value"] for t in records[0]["conversations"]]
+    assert system == {"role": "system", "content": "", "tools": json.loads(records[0]["tools"])}
     for tool in json.loads(records[0]["tools"]):
-        assert json.dumps(tool) in system["content"]
+        assert json.dumps(tool) in message_text(system)
     assert records[2]["tools"] == "[]" and conversations[2][0]["role"] == "user"  # no tools: no system message
+
+
+def test_messages_with_tools_and_tool_calls(tmp_path):
+    """OpenAI-style tool use: record-level tools, an assistant message with tool_calls and no content."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "3", "name": "add"}, {"role": "assistant", "content": "3"}]
+    conversations, _ = read_conversations(write(tmp_path, "t.jsonl", jsonl({"messages": messages, "tools": tools})))
+    assert conversations[0] == [{"role": "system", "content": "", "tools": tools}, messages[0],
+                                {"role": "assistant", "content": "", "tool_calls": [call]}, messages[2], messages[3]]
+    bad = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {}}]},
+           {"role": "assistant", "content": "y"}]
+    with pytest.raises(UserError, match=r'b\.jsonl:1: messages\[1\]: tool_calls\[0\]: field "name" is missing'):
+        read_conversations(write(tmp_path, "b.jsonl", jsonl({"messages": bad})))
 
 
 def test_messages_skip_undesirable_answers():

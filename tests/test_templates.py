@@ -3,8 +3,8 @@ import pytest
 from conftest import FIXTURES
 from minituner.errors import UserError
 from minituner.hf.tokenizer import load_tokenizer
-from minituner.templates import (CONTENT, EOS, MARKUP, TEMPLATES, Segment, check_template, default_template,
-                                 generation_prompt, render, stop_ids)
+from minituner.templates import (CONTENT, EOS, MARKUP, TEMPLATES, Segment, chat_template, check_template,
+                                 default_template, generation_prompt, render, stop_ids)
 from minituner.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "Be kind."}
@@ -94,7 +94,7 @@ def test_check_template_names_the_missing_token():
     no_eos = Tokenizer(scratch.backend)
     with pytest.raises(UserError, match="the alpaca template ends each response with the EOS token, and this tokenizer has none"):
         check_template("alpaca", no_eos)
-    with pytest.raises(UserError, match='template "vicuna" is not one of alpaca, chatml, llama3, mistral, plain'):
+    with pytest.raises(UserError, match='template "vicuna" is not one of model, alpaca, chatml, llama3, mistral, plain'):
         check_template("vicuna", tok)
 
 
@@ -108,14 +108,13 @@ def test_default_template_follows_the_tokenizers_special_tokens(chat_tokenizer):
 
 
 @pytest.mark.parametrize("jinja, expected", [
-    ("{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "mistral"),
-    ("{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' }}", "llama3"),
-    ("{{ '### Instruction:\\n' + m['content'] }}", "alpaca"),
-    ("{{ m['content'] }}", "chatml"),  # unknown: the tokenizer's tokens decide
+    ("{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "model"),
+    ("{{ '<|im_start|>' + messages[0]['content'] }}", "model"),  # even one minituner could write: the model's own
+    (chat_template("llama3", bos=False), "llama3"),  # written by minituner: the format it names
 ])
-def test_default_template_follows_the_models_own_chat_template(chat_tokenizer, jinja, expected):
-    """A chat template that names a format wins over the tokens the tokenizer happens to have
-    (chat_tokenizer has ChatML's and Llama 3's), as long as the tokenizer can write it."""
+def test_default_template_is_the_models_own_chat_template(chat_tokenizer, jinja, expected):
+    """A folder's chat template, wherever it is kept (tokenizer_config.json, its named-list form,
+    chat_template.jinja), is the default; one minituner wrote names the format trained on."""
     tok = Tokenizer(chat_tokenizer.backend, eos_id=chat_tokenizer.eos_id, tokenizer_config={"chat_template": jinja})
     assert default_template(tok) == expected
     listed = Tokenizer(chat_tokenizer.backend, eos_id=chat_tokenizer.eos_id,

@@ -50,12 +50,14 @@ def load_tokenizer(path) -> Tokenizer:
                      tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template)
 
 
-def set_chat_format(tokenizer: Tokenizer, chat_template: str, stop_ids: list[int]) -> None:
+def set_chat_format(tokenizer: Tokenizer, chat_template: str | None, stop_ids: list[int]) -> None:
     """Record the chat format a model was tuned on, so that what is saved says it: the Jinja
-    template (chat_template.jinja, which transformers' apply_chat_template renders) and the
-    tokens that end an answer (generation_config.json's eos_token_id, where generate stops)."""
-    tokenizer.chat_template_file = chat_template
-    tokenizer.tokenizer_config.pop("chat_template", None)  # the base model's own, if it had one, no longer applies
+    template (chat_template.jinja, which transformers' apply_chat_template renders; None: the
+    folder's own, kept as it is) and the tokens that end an answer (generation_config.json's
+    eos_token_id, where generate stops)."""
+    if chat_template is not None:
+        tokenizer.chat_template_file = chat_template
+        tokenizer.tokenizer_config.pop("chat_template", None)  # the base model's own no longer applies
     tokenizer.stop_ids = sorted(set(stop_ids))
     if not tokenizer.generation_config:
         tokenizer.generation_config = {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id}

@@ -29,6 +29,7 @@ from minituner.distributed import all_gather_object, init_runtime, shutdown
 from minituner.errors import run_command
 from minituner.experiment import builtin, synth
 from minituner.experiment.scoring import exact_match, spread
+from minituner.chat_template import template_source
 from minituner.formats import FORMATS, read_conversations
 from minituner.generate import greedy_texts
 from minituner.hf.folder import load_pretrained
@@ -42,8 +43,8 @@ from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags
                                      train_options)
 from minituner.recipes.report import print_outcome, print_table, real_token_share
 from minituner.runfolder import release_all
-from minituner.sft import build_examples, prompt_ids, show_mask
-from minituner.templates import TEMPLATES, chat_template, check_template, default_template, stop_ids
+from minituner.sft import build_examples, n_prefix, prompt_ids, show_mask
+from minituner.templates import MODEL, TEMPLATES, chat_template, check_template, default_template, stop_ids
 from minituner.trainer import train
 
 SCRIPT = "train_instruct"
@@ -56,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--base", help="Hugging Face model folder to tune (config.json, safetensors, tokenizer.json)")
     g.add_argument("--data", help="training data: a JSON or JSONL file of Alpaca, messages or ShareGPT records")
     g.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="the data's format (auto: detect)")
-    g.add_argument("--template", choices=["auto", *TEMPLATES], default="auto",
-                   help="prompt template (auto: the model's own chat template if it is one of these, else chatml "
-                        "or llama3 if the tokenizer has their tokens, else alpaca)")
+    g.add_argument("--template", choices=["auto", MODEL, *TEMPLATES], default="auto",
+                   help="prompt template (model: the folder's own Jinja chat template; auto: that if the folder has "
+                        "one, else chatml or llama3 if the tokenizer has their tokens, else alpaca)")
     g.add_argument("--val-data", help="held-out validation file (default: split --val-fraction off --data)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out (0 = none)")
     g.add_argument("--max-len", type=int, default=None,
@@ -116,7 +117,7 @@ def run(argv=None) -> int:
     build = partial(build_examples, tokenizer=tokenizer, template=template, max_len=max_len,
                     train_on_prompt=args.train_on_prompt)
     train_set, stats = build(train_convs, source=args.data)
-    say(f"data: {stats_line(stats)}; template {template}, max length {max_len}")
+    say(f"data: {stats_line(stats)}; template {template_name(template, tokenizer)}, max length {max_len}")
     val_set = None
     if val_convs:
         val_set, val_stats = build(val_convs, source=args.val_data or f"{args.data} (validation split)")
@@ -137,8 +138,8 @@ def run(argv=None) -> int:
 
     # Samples before training (a fresh adapter has B = 0: the outputs are still the base's)
     held_out = (val_convs or train_convs)[:args.samples]
-    prompts = [fit_prompt(prompt_ids(conv, tokenizer, template), len(tokenizer.prefix_ids), max_len - args.max_new_tokens)
-               for conv in held_out]
+    prompts = [prompt_ids(conv, tokenizer, template) for conv in held_out]
+    prompts = [fit_prompt(ids, n_prefix(ids, tokenizer), max_len - args.max_new_tokens) for ids in prompts]
     stops = stop_ids(template, tokenizer)
     before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
     score = partial(score_sets, eval_sets=read_eval_sets(args.eval_exact, args.eval_limit), tokenizer=tokenizer,
@@ -162,9 +163,10 @@ def run(argv=None) -> int:
                                              "after": after["accuracy"]}
                                       for (name, before), after in zip(scores_before.items(), score(model).values())}
             write_json(f"{args.out}/summary.json", summary)
-        # the exported folder says how it was tuned: apply_chat_template writes the trained format, and
-        # generation stops on its end-of-turn token
-        set_chat_format(tokenizer, chat_template(template, bos=bool(tokenizer.prefix_ids)), stops)
+        # the exported folder says how it was tuned: apply_chat_template writes the trained format (the
+        # model's own template, unchanged, when that was used), and generation stops on its end-of-turn token
+        trained_format = None if template == MODEL else chat_template(template, bos=bool(tokenizer.prefix_ids))
+        set_chat_format(tokenizer, trained_format, stops)
         del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
         fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
         if lora:
@@ -215,8 +217,17 @@ def fit_prompt(ids: list[int], n_prefix: int, room: int) -> list[int]:
     return ids[:n_prefix] + ids[len(ids) - max(1, room - n_prefix):]
 
 
+def template_name(template: str, tokenizer) -> str:
+    return f"{MODEL} ({template_source(tokenizer)})" if template == MODEL else template
+
+
 def stats_line(stats: dict) -> str:
     parts = [f"{stats['examples']} examples", f"{stats['tokens']:,} tokens ({stats['trained_tokens']:,} trained)"]
+    if stats.get("per_turn"):
+        parts.append(f"{stats['per_turn']} conversations taken one assistant turn per example (the template "
+                     "rewrites earlier turns)")
+    if stats.get("straddling"):
+        parts.append(f"{stats['straddling']} trained tokens straddle a prompt/answer boundary")
     if stats.get("truncated"):
         parts.append(f"{stats['truncated']} truncated")
     if stats.get("dropped"):

@@ -1,0 +1,268 @@
+"""A model folder's own chat template: the Jinja program that Instruct models ship
+(chat_template.jinja, or "chat_template" in tokenizer_config.json), run as transformers'
+apply_chat_template runs it, so that training sees exactly the text every server will render
+(transformers, vLLM, TGI, llama.cpp) and the loss mask shows which of its characters train.
+
+Rendering. A sandboxed Jinja environment (jinja2's ImmutableSandboxedEnvironment: no access to
+underscore attributes such as __class__ or __globals__, no mutation of the data passed in, no
+loader, so no {% include %} of files), trim_blocks and lstrip_blocks, the loopcontrols
+extension, and transformers' names: raise_exception, strftime_now, a tojson that keeps non-ASCII
+text as it is, bos_token / eos_token / pad_token / unk_token, messages, tools, documents,
+add_generation_prompt. Templates are programs from downloaded folders: anything one does wrong
+(a syntax error, raise_exception, an unsafe attribute) is a one-line UserError naming it.
+
+What trains (`spans`), as character ranges of the rendered text:
+  1. a template with {% generation %} ... {% endgeneration %} blocks says it: their text trains;
+  2. otherwise, for each assistant turn i, render the conversation up to it with
+     add_generation_prompt=True (P) and through it (Q): the characters Q adds to P are the turn.
+     Its content and its end-of-turn token train; whatever the template writes after the last
+     special token it added (ChatML's "\\n" before the next turn) does not, nor, without a
+     special token, trailing whitespace.
+  A template whose rendering with a generation prompt is not how it starts the answer (P not a
+  prefix of Q) is refused. One that rewrites earlier turns once later ones follow (Q not a prefix
+  of the whole rendering; e.g. reasoning dropped from past turns) is handled per turn: each
+  assistant turn becomes its own example, the conversation up to it, with only that turn trained.
+
+Tokens. The rendered text is tokenised once, as apply_chat_template(..., tokenize=True) does
+(add_special_tokens=False: the template writes BOS itself; special-token strings anywhere in the
+text, message text included, become their control ids). A token is trained when its characters
+overlap a trained span (transformers' assistant_masks rule): a token straddling a boundary, e.g.
+"ĠParis" after a prompt ending in "Answer:", trains, and is counted as straddling.
+"""
+
+import json
+import re
+from contextvars import ContextVar
+from datetime import datetime
+from functools import lru_cache
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from minituner.errors import UserError
+
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+# ----------------------------------------------------------------------------- the template's text
+def template_text(tokenizer, tools: bool = False) -> str | None:
+    """The model's own chat template, or None: chat_template.jinja, else tokenizer_config.json's
+    "chat_template" (a string, or a list of {"name", "template"}: "tool_use" for a conversation
+    with tools if there is one, else "default"), as transformers picks it."""
+    if tokenizer.chat_template_file is not None:
+        return tokenizer.chat_template_file
+    own = tokenizer.tokenizer_config.get("chat_template")
+    if own is None or isinstance(own, str):
+        return own
+    if not isinstance(own, list) or not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in own):
+        raise UserError('tokenizer_config.json: "chat_template" should be a string or a list of '
+                        '{"name": ..., "template": ...}')
+    named = {t.get("name"): t["template"] for t in own}
+    chosen = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
+    if chosen is None:
+        raise UserError(f'tokenizer_config.json: the chat templates are named {", ".join(map(str, named))}; '
+                        'none is "default"')
+    return chosen
+
+
+def template_source(tokenizer) -> str:
+    """Where the model's chat template comes from, for messages."""
+    return "chat_template.jinja" if tokenizer.chat_template_file is not None else "tokenizer_config.json chat_template"
+
+
+# ----------------------------------------------------------------------------- the sandbox
+# {% generation %} blocks record where their text lands; the record is per render (see render()).
+_RECORD: ContextVar[dict | None] = ContextVar("generation_record", default=None)
+
+
+class _GenerationBlocks(Extension):
+    """{% generation %} ... {% endgeneration %}: renders its body and notes the characters it wrote."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_note"), [], [], body).set_lineno(lineno)
+
+    def _note(self, caller):
+        text = caller()
+        record = _RECORD.get()
+        if record is not None:  # the text already yielded ends where this block starts
+            record["spans"].append((record["length"], record["length"] + len(text), text))
+        return text
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want the plain JSON
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def compile_template(text: str, source: str = "chat template") -> jinja2.Template:
+    """`text` compiled in the sandbox; a syntax error is a UserError naming `source` and the line."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlocks, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    try:
+        tree = env.parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{source}: line {e.lineno}: not a valid Jinja template ({e.message})") from None
+    for node in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        raise UserError(f"{source}: line {node.lineno}: refused, a chat template may not include, import or "
+                        "extend other templates (it would read files)")
+    return env.from_string(tree)
+
+
+def special_tokens(tokenizer) -> dict[str, str]:
+    """The special-token names a template may read ({{ bos_token }}), as transformers passes them."""
+    names = {}
+    for name in _SPECIAL_NAMES:
+        token_id = getattr(tokenizer, name.replace("_token", "_id"), None)
+        token = tokenizer.id_to_token(token_id) if token_id is not None else tokenizer.tokenizer_config.get(name)
+        if isinstance(token, dict):  # a serialised AddedToken
+            token = token.get("content")
+        if isinstance(token, str):
+            names[name] = token
+    return names
+
+
+def render(tokenizer, messages: list[dict], *, tools: list | None = None, add_generation_prompt: bool = False,
+           with_spans: bool = False):
+    """The model's chat template applied to `messages` (Hugging Face form: see hf_messages):
+    the text, or with_spans, (text, [(start, end)] of its {% generation %} blocks)."""
+    source = template_source(tokenizer)
+    template = compile_template(template_text(tokenizer, tools=bool(tools)), source)
+    variables = {**special_tokens(tokenizer), "messages": messages, "tools": tools, "documents": None,
+                 "add_generation_prompt": add_generation_prompt}
+    record = {"length": 0, "spans": []}
+    token = _RECORD.set(record)
+    try:
+        chunks = []
+        for chunk in template.generate(**variables):
+            chunks.append(chunk)
+            record["length"] += len(chunk)
+    except jinja2.exceptions.SecurityError as e:
+        raise UserError(f"{source}: refused, the template reached for something unsafe ({e})") from None
+    except jinja2.TemplateError as e:
+        raise UserError(f"{source}: the template refuses this conversation: {e}") from None
+    except Exception as e:  # the template's own program failed (a type error in its expressions, ...)
+        raise UserError(f"{source}: the template failed on this conversation ({type(e).__name__}: {e})") from None
+    finally:
+        _RECORD.reset(token)
+    text = "".join(chunks)
+    if not with_spans:
+        return text
+    for start, end, written in record["spans"]:
+        if text[start:end] != written:  # a block inside a macro or a {% set %}: its place is unknown
+            raise UserError(f"{source}: a {{% generation %}} block whose text is not written where it is rendered "
+                            "(inside a macro or a set block); cannot tell which characters it marks")
+    return text, [(start, end) for start, end, _ in record["spans"] if end > start]
+
+
+# ----------------------------------------------------------------------------- conversations
+def hf_messages(conversation: list[dict]) -> tuple[list[dict], list | None]:
+    """(messages, tools) as transformers' apply_chat_template takes them, from a conversation as
+    minituner/formats.py reads it: an Alpaca input joins its instruction; the function schemas a
+    system message carries become `tools` (each {"type": "function", "function": schema}), and a
+    system message that carried only them is left out (the template writes its own); an assistant
+    message's tool calls stay "tool_calls", without a "content" when it has none."""
+    messages, tools = [], None
+    for message in conversation:
+        out = {key: value for key, value in message.items()
+               if key not in ("input", "tools", "weight") and value is not None}
+        if message.get("input"):
+            out["content"] = message["content"] + "\n\n" + message["input"]
+        if message.get("tools") is not None:
+            tools = [t if "function" in t or "type" in t else {"type": "function", "function": t}
+                     for t in message["tools"]]
+            if not message["content"]:
+                continue
+        if message.get("tool_calls") and not message.get("content"):
+            out.pop("content", None)
+        messages.append(out)
+    return messages, tools
+
+
+class TurnsRewritten(UserError):
+    """The template writes an earlier turn otherwise once later turns follow: take the conversation per turn."""
+
+
+def trained_text(tokenizer, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(text, spans): the conversation rendered by the model's template, and the character ranges
+    that train (see the module docstring). Assistant messages marked "weight": 0 are context only.
+    Raises TurnsRewritten when a trained turn is written otherwise once later turns follow."""
+    messages, tools = hf_messages(conversation)
+    source = template_source(tokenizer)
+    if GENERATION_TAG.search(template_text(tokenizer, tools=bool(tools))):
+        text, spans = render(tokenizer, messages, tools=tools, with_spans=True)
+        if not spans:
+            raise UserError(f"{source}: its {{% generation %}} blocks mark nothing in this conversation")
+        return text, spans
+    full, spans = render(tokenizer, messages, tools=tools), []
+    dropped = len(conversation) - len(messages)  # a leading system message that carried only tools
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or conversation[i + dropped].get("weight", 1) == 0:
+            continue
+        prompt = render(tokenizer, messages[:i], tools=tools, add_generation_prompt=True)
+        through = render(tokenizer, messages[:i + 1], tools=tools) if i < len(messages) - 1 else full
+        if not through.startswith(prompt):
+            raise UserError(f"{source}: its generation prompt is not how it starts an answer (message {i + 1}: "
+                            f"the text rendered with add_generation_prompt ends {prompt[-24:]!r}, the answer does "
+                            "not follow it); choose a --template")
+        if not full.startswith(through):
+            raise TurnsRewritten(f"{source}: message {i + 1} is written otherwise once later turns follow")
+        spans.append((len(prompt), _turn_end(tokenizer, through, len(prompt))))
+    return full, spans
+
+
+def per_turn(conversation: list[dict]) -> list[list[dict]]:
+    """One conversation per assistant turn: the conversation up to it, earlier answers untrained
+    ("weight": 0, as OpenAI's fine-tuning format marks them)."""
+    turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    return [[{**m, "weight": 0} if m["role"] == "assistant" and i < end else m for i, m in enumerate(conversation[:end + 1])]
+            for end in turns]
+
+
+def _turn_end(tokenizer, text: str, start: int) -> int:
+    """Where the trained part of an assistant turn text[start:] ends: after the last special token
+    it wrote (its end-of-turn token), else at its end without trailing whitespace."""
+    ends = [m.end() for m in tokenizer.special_pattern.finditer(text, start)]
+    return ends[-1] if ends else max(start, len(text.rstrip()))
+
+
+def encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool], int]:
+    """(ids, trained, straddling): `text` tokenised as apply_chat_template does, each token trained
+    if it overlaps a span, and how many trained tokens reach over a span's boundary."""
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    trained, straddling = [], 0
+    for start, end in offsets:
+        # a token of no characters (a "▁" of its own, at times) goes with the character after it
+        inside = [(s, e) for s, e in spans if (start < e and end > s if end > start else s <= start < e)]
+        trained.append(bool(inside))
+        straddling += any(start < s or end > e for s, e in inside)
+    return ids, trained, straddling
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens the template ends an assistant turn with (found by rendering a
+    one-exchange conversation); empty if the template will not render one."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, spans = trained_text(tokenizer, probe)
+    except UserError:
+        return set()
+    found = [m.group() for m in tokenizer.special_pattern.finditer(text[spans[-1][0]:spans[-1][1]])]
+    return {tokenizer.token_to_id(found[-1])} if found else set()
