@@ -66,6 +66,42 @@ def bos_tokenizer(chat_tokenizer):
     return Tokenizer(backend, bos_id=bos, eos_id=chat_tokenizer.eos_id, pad_id=chat_tokenizer.pad_id)
 
 
+# Chat templates shaped like those Instruct models ship (tests/fixtures/chat_templates/), with the
+# special tokens each names as bos and eos, and the token that ends an assistant turn.
+CHAT_TEMPLATES = {
+    "chatml-tools": {"bos": None, "eos": "<|im_end|>", "end": "<|im_end|>"},  # Qwen2.5-like: default system, tools
+    "llama3-dated": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "end": "<|eot_id|>"},  # Llama 3.2-like
+    "mistral-inst": {"bos": "<s>", "eos": "</s>", "end": "</s>"},  # Mistral Instruct-like [INST]
+    "chatml-generation": {"bos": None, "eos": "<|endoftext|>", "end": "<|im_end|>"},  # {% generation %} markers
+    "turns-no-system": {"bos": "<bos>", "eos": "<eos>", "end": "<end_of_turn>"},  # Gemma-like: refuses a system role
+    "chatml-reasoning": {"bos": None, "eos": "<|im_end|>", "end": "<|im_end|>"},  # drops past turns' reasoning
+    "answer-after-space": {"bos": None, "eos": "<|endoftext|>", "end": "<|endoftext|>"},  # "Answer: " + reply
+}
+TEMPLATE_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                           "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "<bos>", "<eos>", "<start_of_turn>",
+                           "<end_of_turn>")
+
+
+@pytest.fixture(scope="session")
+def template_tokenizer(shakespeare):
+    """A throwaway byte-level BPE with the special tokens of every template in CHAT_TEMPLATES."""
+    return Tokenizer.train_bpe([shakespeare], vocab_size=420, special_tokens=TEMPLATE_SPECIAL_TOKENS)
+
+
+def chat_folder(folder: Path, name: str, tokenizer: Tokenizer, in_config: bool = False) -> Path:
+    """A tokenizer folder (tokenizer.json, tokenizer_config.json) with chat template `name` as
+    chat_template.jinja, or in_config, as tokenizer_config.json's "chat_template"."""
+    from minituner.hf.tokenizer import save_tokenizer
+    case, text = CHAT_TEMPLATES[name], (FIXTURES / "chat_templates" / f"{name}.jinja").read_text()
+    ids = {role: tokenizer.token_to_id(case[role]) if case[role] else None for role in ("bos", "eos")}
+    config = {"chat_template": text} if in_config else {}
+    tokenizer = Tokenizer(tokenizer.backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["eos"],
+                          tokenizer_config=config, chat_template_file=None if in_config else text)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
 class StopAfterTwoSteps(trainer.StopRequest):
     """Patched over trainer.StopRequest: a SIGTERM arriving during the second step (the loop
     checks `requested` once per step), without the timing of a real signal."""

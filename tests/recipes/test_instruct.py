@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,29 @@ def test_eval_limit_scores_a_spread_subset_and_zero_scores_all(tmp_path, data):
         out = tmp_path / f"run-{limit}"
         assert run(out, data, "--steps", "1", "--eval-exact", str(held_out), "--eval-limit", str(limit)) == 0
         assert json.loads((out / "summary.json").read_text())["exact_match"]["held_out"]["n"] == n
+
+
+def test_a_model_with_its_own_chat_template_is_trained_and_exported_in_it(tmp_path, data, capsys):
+    """--template auto picks the folder's own chat template: the data is rendered with it (its
+    default system prompt included), --show-mask shows the reply and end token trained, and the
+    export keeps the template unchanged, generation stopping at its end-of-turn token."""
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    template = (FIXTURES / "chat_templates" / "chatml-tools.jinja").read_text()
+    (base / "chat_template.jinja").write_text(template)
+    out = tmp_path / "run"
+    assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(out), "--steps", "2",
+                                "--batch-size", "4", "--max-len", "128", "--samples", "1", "--max-new-tokens", "4",
+                                "--show-mask", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "template model (chat_template.jinja)" in printed
+    assert "<|im_start|>system\nYou are Quill, a helpful assistant.<|im_end|>" in printed
+    assert "<|im_start|>assistant\n⟦" in printed and "<|im_end|>⟧" in printed
+    assert (out / "model" / "chat_template.jinja").read_text() == template
+    im_end = json.loads((base / "tokenizer.json").read_text())["added_tokens"][2]
+    assert im_end["content"] == "<|im_end|>"
+    eos = json.loads((out / "model" / "generation_config.json").read_text())["eos_token_id"]
+    assert im_end["id"] in (eos if isinstance(eos, list) else [eos])
+    samples = json.loads((out / "samples.json").read_text())["samples"]
+    assert samples[0]["prompt"].startswith("<|im_start|>system\nYou are Quill")
+    assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
