@@ -58,19 +58,20 @@ def template_text(tokenizer, tools: bool = False) -> str | None:
     if own is None or isinstance(own, str):
         return own
     if not isinstance(own, list) or not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in own):
-        raise UserError('tokenizer_config.json: "chat_template" should be a string or a list of '
-                        '{"name": ..., "template": ...}')
+        raise UserError(f'{template_source(tokenizer)} should be a string or a list of {{"name": ..., "template": ...}}')
     named = {t.get("name"): t["template"] for t in own}
     chosen = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
     if chosen is None:
-        raise UserError(f'tokenizer_config.json: the chat templates are named {", ".join(map(str, named))}; '
+        raise UserError(f'{template_source(tokenizer)}: the templates are named {", ".join(map(str, named))}; '
                         'none is "default"')
     return chosen
 
 
 def template_source(tokenizer) -> str:
     """Where the model's chat template comes from, for messages."""
-    return "chat_template.jinja" if tokenizer.chat_template_file is not None else "tokenizer_config.json chat_template"
+    folder = f"{tokenizer.folder}/" if tokenizer.folder else ""
+    file = "chat_template.jinja" if tokenizer.chat_template_file is not None else 'tokenizer_config.json "chat_template"'
+    return folder + file
 
 
 # ----------------------------------------------------------------------------- the sandbox

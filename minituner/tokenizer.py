@@ -32,7 +32,7 @@ class Tokenizer:
     """Text <-> token ids, and the ids with special roles (bos, eos, pad, stop)."""
 
     def __init__(self, backend: Backend, *, bos_id=None, eos_id=None, pad_id=None, stop_ids=(),
-                 tokenizer_config=None, generation_config=None, chat_template_file=None):
+                 tokenizer_config=None, generation_config=None, chat_template_file=None, folder=None):
         self.backend = backend
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         # Generation ends on any of these: the eos and every eos id of generation_config.json.
@@ -40,6 +40,7 @@ class Tokenizer:
         self.tokenizer_config = dict(tokenizer_config or {})  # written back on save, so HF sees the same
         self.generation_config = dict(generation_config or {})
         self.chat_template_file = chat_template_file  # text of chat_template.jinja, if the folder had one
+        self.folder = folder  # the folder it was read from, for messages
         self.prefix_ids, self.suffix_ids = self._special_affixes()
 
     @cached_property

@@ -47,7 +47,7 @@ def load_tokenizer(path) -> Tokenizer:
     template_file = folder / "chat_template.jinja"
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     return Tokenizer(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
-                     tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template)
+                     tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template, folder=str(folder))
 
 
 def set_chat_format(tokenizer: Tokenizer, chat_template: str | None, stop_ids: list[int]) -> None:

@@ -4,11 +4,13 @@ transformers is the oracle here (the dev extra installs it); the templates are s
 Instruct models ship (tests/fixtures/chat_templates/)."""
 
 import json
+import re
 from itertools import groupby
 
 import pytest
 
 from conftest import CHAT_TEMPLATES, DATA, chat_folder, sentencepiece_like
+from minituner.errors import UserError
 from minituner.formats import read_conversations
 from minituner.hf.tokenizer import load_tokenizer
 from minituner.sft import build_examples, prompt_ids
@@ -45,8 +47,8 @@ def test_training_ids_are_apply_chat_templates(tmp_path, template_tokenizer, nam
     assert default_template(tokenizer) == MODEL
     conversation = CONVERSATIONS[shape]
     if name == "turns-no-system" and shape == "system":  # the template's own raise_exception, as one line
-        with pytest.raises(Exception, match="conversation 1: chat_template.jinja: the template refuses this "
-                                            "conversation: System role not supported$"):
+        with pytest.raises(UserError, match=f"^chat.json: conversation 1: {re.escape(str(folder))}/chat_template.jinja: "
+                                            "the template refuses this conversation: System role not supported$"):
             build_examples([conversation], tokenizer, MODEL, max_len=4096, source="chat.json")
         return
     (example,), stats = build_examples([conversation], tokenizer, MODEL, max_len=4096)

@@ -122,6 +122,8 @@ def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--data", "missing.json"], "missing.json"),
     (["--template", "llama3"], 'needs "<|start_header_id|>"'),
+    (["--template", "model"], "--template model: the model folder has no chat template"),
+    (["--base", "MALICIOUS"], "chat_template.jinja: refused, the template reached for something unsafe"),
     (["--max-len", "1"], "--max-len 1: a row needs at least 3 tokens"),
     (["--base", str(FIXTURES / "gpt2-tiny"), "--max-len", "4096"], "--max-len 4096 exceeds the model's 128 learned"),
     (["--patience", "2"], "--patience needs validation data (--val-data, or --val-fraction > 0) and --eval-every > 0"),
@@ -132,6 +134,10 @@ def test_resume_refuses_a_folder_of_another_kind(tmp_path, capsys):
     (["--lora-targets", "qkv"], "'qkv' matches none"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, data, capsys, flags, message):
+    if "MALICIOUS" in flags:  # a downloaded folder whose chat template reaches for Python's internals
+        shutil.copytree(BASE, tmp_path / "base")
+        (tmp_path / "base" / "chat_template.jinja").write_text("{{ cycler.__init__.__globals__.os.getcwd() }}")
+        flags = ["--base", str(tmp_path / "base")]
     argv = ["--base", BASE, "--data", data, "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress", *flags]
     assert train_instruct.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -201,7 +207,7 @@ def test_a_model_with_its_own_chat_template_is_trained_and_exported_in_it(tmp_pa
                                 "--batch-size", "4", "--max-len", "128", "--samples", "1", "--max-new-tokens", "4",
                                 "--show-mask", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "template model (chat_template.jinja)" in printed
+    assert f"template model ({base}/chat_template.jinja)" in printed
     assert "<|im_start|>system\nYou are Quill, a helpful assistant.<|im_end|>" in printed
     assert "<|im_start|>assistant\n⟦" in printed and "<|im_end|>⟧" in printed
     assert (out / "model" / "chat_template.jinja").read_text() == template
