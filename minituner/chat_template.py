@@ -15,19 +15,23 @@ What trains (`spans`), as character ranges of the rendered text:
   1. a template with {% generation %} ... {% endgeneration %} blocks says it: their text trains;
   2. otherwise, for each assistant turn i, render the conversation up to it with
      add_generation_prompt=True (P) and through it (Q): the characters Q adds to P are the turn.
-     Its content and its end-of-turn token train; whatever the template writes after the last
-     special token it added (ChatML's "\\n" before the next turn) does not, nor, without a
-     special token, trailing whitespace.
-  A template whose rendering with a generation prompt is not how it starts the answer (P not a
-  prefix of Q) is refused. One that rewrites earlier turns once later ones follow (Q not a prefix
-  of the whole rendering; e.g. reasoning dropped from past turns) is handled per turn: each
-  assistant turn becomes its own example, the conversation up to it, with only that turn trained.
+     Its content and its end-of-turn token train, nothing after that token (ChatML's "\n" before
+     the next turn, an EOS some templates write after the last message only). The end-of-turn
+     token is the special token the template writes right after a reply (found once by rendering
+     a one-exchange conversation); a turn without it ends at its last special token, or without
+     any, at its last non-space character. Where Q does not start with P (DeepSeek-R1's distills
+     prompt with "<think>\n" but write past answers without it), the turn starts where they part,
+     and such turns are counted.
+  A template that writes a trained turn otherwise once later turns follow (the whole rendering
+  does not start with Q up to the turn's end; e.g. reasoning dropped from past turns) is handled
+  per turn: each assistant turn becomes its own example, the conversation up to it, with only
+  that turn trained (the earlier answers marked "weight": 0).
 
 Tokens. The rendered text is tokenised once, as apply_chat_template(..., tokenize=True) does
 (add_special_tokens=False: the template writes BOS itself; special-token strings anywhere in the
 text, message text included, become their control ids). A token is trained when its characters
 overlap a trained span (transformers' assistant_masks rule): a token straddling a boundary, e.g.
-"ĠParis" after a prompt ending in "Answer:", trains, and is counted as straddling.
+"ĠParis" where the prompt ends in "Answer: " and the reply is "Paris", trains, and is counted.
 """
 
 import json
@@ -35,6 +39,7 @@ import re
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
+from typing import NamedTuple
 
 import jinja2
 from jinja2 import nodes
@@ -201,32 +206,39 @@ class TurnsRewritten(UserError):
     """The template writes an earlier turn otherwise once later turns follow: take the conversation per turn."""
 
 
-def trained_text(tokenizer, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """(text, spans): the conversation rendered by the model's template, and the character ranges
-    that train (see the module docstring). Assistant messages marked "weight": 0 are context only.
-    Raises TurnsRewritten when a trained turn is written otherwise once later turns follow."""
+class Rendering(NamedTuple):
+    text: str  # the conversation as the template writes it
+    spans: list[tuple[int, int]]  # the (start, end) characters that train
+    unprompted: int  # turns whose generation prompt is not how the template starts them (see trained_text)
+
+
+def trained_text(tokenizer, conversation: list[dict]) -> Rendering:
+    """The conversation rendered by the model's template, with the characters that train (see the
+    module docstring). Assistant messages marked "weight": 0 are context only. Raises
+    TurnsRewritten when a trained turn is written otherwise once later turns follow."""
     messages, tools = hf_messages(conversation)
-    source = template_source(tokenizer)
     if GENERATION_TAG.search(template_text(tokenizer, tools=bool(tools))):
         text, spans = render(tokenizer, messages, tools=tools, with_spans=True)
         if not spans:
-            raise UserError(f"{source}: its {{% generation %}} blocks mark nothing in this conversation")
-        return text, spans
-    full, spans = render(tokenizer, messages, tools=tools), []
+            raise UserError(f"{template_source(tokenizer)}: its {{% generation %}} blocks mark nothing in this "
+                            "conversation")
+        return Rendering(text, spans, 0)
+    full, spans, unprompted = render(tokenizer, messages, tools=tools), [], 0
+    end_token = _end_of_turn(tokenizer, tools)
     dropped = len(conversation) - len(messages)  # a leading system message that carried only tools
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or conversation[i + dropped].get("weight", 1) == 0:
             continue
         prompt = render(tokenizer, messages[:i], tools=tools, add_generation_prompt=True)
         through = render(tokenizer, messages[:i + 1], tools=tools) if i < len(messages) - 1 else full
-        if not through.startswith(prompt):
-            raise UserError(f"{source}: its generation prompt is not how it starts an answer (message {i + 1}: "
-                            f"the text rendered with add_generation_prompt ends {prompt[-24:]!r}, the answer does "
-                            "not follow it); choose a --template")
-        if not full.startswith(through):
-            raise TurnsRewritten(f"{source}: message {i + 1} is written otherwise once later turns follow")
-        spans.append((len(prompt), _turn_end(tokenizer, through, len(prompt))))
-    return full, spans
+        start = _common_prefix(prompt, through)
+        unprompted += start < len(prompt)
+        end = _turn_end(tokenizer, through, start, end_token)
+        if full[:end] != through[:end]:
+            raise TurnsRewritten(f"{template_source(tokenizer)}: message {i + 1} is written otherwise once "
+                                 "later turns follow")
+        spans.append((start, end))
+    return Rendering(full, spans, unprompted)
 
 
 def per_turn(conversation: list[dict]) -> list[list[dict]]:
@@ -237,11 +249,47 @@ def per_turn(conversation: list[dict]) -> list[list[dict]]:
             for end in turns]
 
 
-def _turn_end(tokenizer, text: str, start: int) -> int:
-    """Where the trained part of an assistant turn text[start:] ends: after the last special token
-    it wrote (its end-of-turn token), else at its end without trailing whitespace."""
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _turn_end(tokenizer, text: str, start: int, end_token: str | None) -> int:
+    """Where the trained part of the assistant turn text[start:] ends: after the template's
+    end-of-turn token, its last one in the turn; without one there, after the last special token;
+    without any, at the turn's end less trailing whitespace."""
+    if end_token is not None and text.rfind(end_token, start) >= 0:
+        return text.rfind(end_token, start) + len(end_token)
     ends = [m.end() for m in tokenizer.special_pattern.finditer(text, start)]
     return ends[-1] if ends else max(start, len(text.rstrip()))
+
+
+_PROBE_REPLY = "Hello"
+_END_OF_TURN: dict[tuple, str | None] = {}  # what _end_of_turn found, by template and special tokens
+
+
+def _end_of_turn(tokenizer, tools) -> str | None:
+    """The special token the template writes right after an assistant's reply (<|im_end|>,
+    <|eot_id|>, </s>, <end_of_turn>, ...), found by rendering a one-exchange conversation; None
+    if the template will not render one or writes no special token there."""
+    key = (template_text(tokenizer, tools=bool(tools)), bool(tools), tuple(special_tokens(tokenizer).items()),
+           tokenizer.special_pattern.pattern)
+    if key not in _END_OF_TURN:
+        _END_OF_TURN[key] = _probe_end_of_turn(tokenizer, tools)
+    return _END_OF_TURN[key]
+
+
+def _probe_end_of_turn(tokenizer, tools) -> str | None:
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        prompt = render(tokenizer, probe[:1], tools=tools, add_generation_prompt=True)
+        text = render(tokenizer, probe, tools=tools)
+    except UserError:
+        return None
+    reply = text.find(_PROBE_REPLY, _common_prefix(prompt, text))
+    found = tokenizer.special_pattern.search(text, reply + len(_PROBE_REPLY)) if reply >= 0 else None
+    return found.group() if found else None
 
 
 def encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool], int]:
@@ -258,12 +306,6 @@ def encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
-    """Ids of the special tokens the template ends an assistant turn with (found by rendering a
-    one-exchange conversation); empty if the template will not render one."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    try:
-        text, spans = trained_text(tokenizer, probe)
-    except UserError:
-        return set()
-    found = [m.group() for m in tokenizer.special_pattern.finditer(text[spans[-1][0]:spans[-1][1]])]
-    return {tokenizer.token_to_id(found[-1])} if found else set()
+    """Id of the special token the template ends an assistant turn with; empty if none is found."""
+    token = _end_of_turn(tokenizer, None)
+    return {tokenizer.token_to_id(token)} if token is not None else set()

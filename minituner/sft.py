@@ -2,6 +2,10 @@
 prompt token masked. An example is {"input_ids": [int], "labels": [int]}, labels as in loss.py:
 the token id where the model is trained to write that token, IGNORE_INDEX elsewhere.
 
+With the model's own chat template (template "model"), the rendered string is tokenised whole
+and each token labelled by its characters: minituner/chat_template.py. What follows under
+"Tokenising" is about minituner's own templates (templates.py).
+
 Tokenising. Each segment of the rendered conversation is encoded on its own and the ids are
 concatenated, so no token straddles a prompt/response boundary and the labels follow the
 template's trained flags exactly. (Encoding the whole text at once can merge the last prompt
@@ -47,8 +51,9 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
     """Training examples of `conversations` in `template`, at most max_len tokens each, and stats:
     {"examples": kept, "truncated": of those, shortened to fit, "dropped": no room for a response,
      "tokens": of the examples kept, "trained_tokens": of those, carrying loss (labels[1:] set, as in loss.py),
-     "straddling": trained tokens reaching over a trained span's boundary (template model, see chat_template.py),
-     "per_turn": conversations taken one assistant turn per example (template model, see chat_template.py)}.
+     and for the model's own template (see chat_template.py): "straddling", trained tokens reaching over a
+     trained span's boundary; "unprompted", assistant turns that do not start with the template's generation
+     prompt; "per_turn", conversations taken one assistant turn per example}.
 
     train_on_prompt: label every token, prompt included (an ablation; truncation is unchanged).
     source: the data's name for error messages.
@@ -58,7 +63,7 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
     if not conversations:
         raise UserError(f"{where}no conversations to make training examples from")
     examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "trained_tokens": 0,
-                           "straddling": 0, "per_turn": 0}
+                           "straddling": 0, "unprompted": 0, "per_turn": 0}
     for n, conversation in enumerate(conversations, 1):
         try:
             built = [_build(conversation, tokenizer, template, max_len, train_on_prompt)]
@@ -68,14 +73,15 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
                      for turn in chat_template.per_turn(conversation)]
         except UserError as e:
             raise UserError(f"{where}conversation {n}: {e}") from None
-        for example, truncated, straddling in built:
+        for example, truncated, counts in built:
             if example is None:
                 stats["dropped"] += 1
                 continue
             examples.append(example)
             stats["examples"] += 1
             stats["truncated"] += truncated
-            stats["straddling"] += straddling
+            for name, count in counts.items():
+                stats[name] += count
             stats["tokens"] += len(example["input_ids"])
             stats["trained_tokens"] += sum(label != IGNORE_INDEX for label in example["labels"][1:])
     if not examples:
@@ -91,25 +97,27 @@ def build_example(conversation: list[dict], tokenizer, template: str, *, max_len
     return _build(conversation, tokenizer, template, max_len, train_on_prompt)[:2]
 
 
-def _build(conversation, tokenizer, template, max_len, train_on_prompt) -> tuple[dict | None, bool, int]:
-    """build_example's (example, truncated), and the count of straddling trained tokens."""
-    ids, trained, straddling = encode_conversation(conversation, tokenizer, template)
+def _build(conversation, tokenizer, template, max_len, train_on_prompt) -> tuple[dict | None, bool, dict]:
+    """build_example's (example, truncated), and encode_conversation's counts."""
+    ids, trained, counts = encode_conversation(conversation, tokenizer, template)
     assert any(trained), "a conversation ends with an assistant answer, which is trained"
     truncated = len(ids) > max_len
     if truncated:
         ids, trained = _truncate(conversation, tokenizer, template, max_len, ids, trained)
     if not any(trained[1:]):  # no token predicts position 0: a response token there trains nothing
-        return None, truncated, 0
+        return None, truncated, {}
     labels = list(ids) if train_on_prompt else [t if k else IGNORE_INDEX for t, k in zip(ids, trained)]
-    return {"input_ids": ids, "labels": labels}, truncated, straddling
+    return {"input_ids": ids, "labels": labels}, truncated, counts
 
 
-def encode_conversation(conversation: list[dict], tokenizer, template: str) -> tuple[list[int], list[bool], int]:
-    """(ids, trained, straddling): the conversation in `template` as token ids, whether each trains,
-    and how many trained tokens reach over a span's boundary (only the model's template has them)."""
-    if template == MODEL:
-        return chat_template.encode(tokenizer, *chat_template.trained_text(tokenizer, conversation))
-    return *tokenize_segments(render(conversation, template), tokenizer), 0
+def encode_conversation(conversation: list[dict], tokenizer, template: str) -> tuple[list[int], list[bool], dict]:
+    """(ids, trained, counts): the conversation in `template` as token ids, whether each trains, and
+    for the model's template, {"straddling": ..., "unprompted": ...} (see build_examples)."""
+    if template != MODEL:
+        return *tokenize_segments(render(conversation, template), tokenizer), {}
+    rendering = chat_template.trained_text(tokenizer, conversation)
+    ids, trained, straddling = chat_template.encode(tokenizer, rendering.text, rendering.spans)
+    return ids, trained, {"straddling": straddling, "unprompted": rendering.unprompted}
 
 
 def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:

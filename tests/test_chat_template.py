@@ -102,14 +102,32 @@ def test_show_mask_marks_the_reply_and_its_end_token(tmp_path, template_tokenize
                          "the king<|im_end|>", "<|im_start|>assistant", "⟦the lord<|im_end|>⟧"]
 
 
-def test_a_generation_prompt_the_answer_does_not_follow_is_refused(chat_tokenizer):
-    template = ("{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}")
+def test_an_answer_that_does_not_follow_the_generation_prompt_trains_from_where_they_differ(chat_tokenizer):
+    """DeepSeek-R1's distills prompt with "<｜Assistant｜><think>\n" but write past answers without
+    it: the turn trains from where the two renderings part, and such turns are counted."""
+    template = ("{% for m in messages %}{{ m.role + ':' + (' ' + m.content + '<|im_end|>' if m.role == 'assistant' "
+                "else m.content) + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
     tok = tokenizer_with(chat_tokenizer, template)
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    with pytest.raises(UserError, match=r"^chat\.json: conversation 1: chat_template\.jinja: its generation prompt is "
-                                        r"not how it starts an answer .*choose a --template$"):
-        build_examples([conversation], tok, MODEL, max_len=64, source="chat.json")
+    (example,), stats = build_examples([conversation], tok, MODEL, max_len=64)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tok.decode(trained, skip_special_tokens=False) == " Hello<|im_end|>"  # not the "\n" after it
+    assert stats["unprompted"] == 1
+
+
+def test_the_end_of_turn_token_ends_the_trained_span(chat_tokenizer):
+    """Phi-4-mini's template writes EOS after the last message only: the last turn trains through
+    its end-of-turn token, as every other turn, and the conversation stays one example."""
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + m.content + '<|im_end|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% else %}{{ eos_token }}{% endif %}")
+    tok = tokenizer_with(chat_tokenizer, template)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Farewell"}]
+    examples, stats = build_examples([conversation], tok, MODEL, max_len=64)
+    assert len(examples) == 1 and stats["per_turn"] == 0
+    shown = show_mask(examples[0], tok).splitlines()[1]
+    assert shown.endswith("assistant⟦Hello<|im_end|>⟧<|im_start|>userBye<|im_end|><|im_start|>assistant"
+                          "⟦Farewell<|im_end|>⟧<|endoftext|>")
 
 
 def test_compiled_templates_are_reused():

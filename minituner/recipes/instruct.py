@@ -226,6 +226,9 @@ def stats_line(stats: dict) -> str:
     if stats.get("per_turn"):
         parts.append(f"{stats['per_turn']} conversations taken one assistant turn per example (the template "
                      "rewrites earlier turns)")
+    if stats.get("unprompted"):
+        parts.append(f"{stats['unprompted']} answers not starting with the template's generation prompt (trained "
+                     "from where they differ)")
     if stats.get("straddling"):
         parts.append(f"{stats['straddling']} trained tokens straddle a prompt/answer boundary")
     if stats.get("truncated"):
