@@ -6,7 +6,8 @@ apply_chat_template runs it, so that training sees exactly the text every server
 Rendering. A sandboxed Jinja environment (jinja2's ImmutableSandboxedEnvironment: no access to
 underscore attributes such as __class__ or __globals__, no mutation of the data passed in, no
 loader, so no {% include %} of files), trim_blocks and lstrip_blocks, the loopcontrols
-extension, and transformers' names: raise_exception, strftime_now, a tojson that keeps non-ASCII
+extension, and transformers' names: raise_exception, strftime_now (the run's start time, see
+fix_clock), a tojson that keeps non-ASCII
 text as it is, bos_token / eos_token / pad_token / unk_token, messages, tools, documents,
 add_generation_prompt. Templates are programs from downloaded folders: anything one does wrong
 (a syntax error, raise_exception, an unsafe attribute) is a one-line UserError naming it.
@@ -111,8 +112,18 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# The time strftime_now reads; None: the clock. A run fixes it to its start (fix_clock), so that a
+# template that writes the date (Llama 3's "Today Date: ...") renders the same text when it resumes.
+_NOW: ContextVar[datetime | None] = ContextVar("template_now", default=None)
+
+
+def fix_clock(when: datetime | None) -> None:
+    """Make strftime_now read `when` from now on in this context (None: the clock again)."""
+    _NOW.set(when)
+
+
 def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
+    return (_NOW.get() or datetime.now()).strftime(fmt)
 
 
 @lru_cache(maxsize=8)
@@ -133,11 +144,15 @@ def compile_template(text: str, source: str = "chat template") -> jinja2.Templat
 
 
 def special_tokens(tokenizer) -> dict[str, str]:
-    """The special-token names a template may read ({{ bos_token }}), as transformers passes them."""
+    """The special-token names a template may read ({{ bos_token }}), as transformers passes them:
+    tokenizer_config.json's (a null one is absent), else the tokens of the tokenizer's ids."""
     names = {}
     for name in _SPECIAL_NAMES:
-        token_id = getattr(tokenizer, name.replace("_token", "_id"), None)
-        token = tokenizer.id_to_token(token_id) if token_id is not None else tokenizer.tokenizer_config.get(name)
+        if name in tokenizer.tokenizer_config:
+            token = tokenizer.tokenizer_config[name]
+        else:
+            token_id = getattr(tokenizer, name.replace("_token", "_id"), None)
+            token = tokenizer.id_to_token(token_id) if token_id is not None else None
         if isinstance(token, dict):  # a serialised AddedToken
             token = token.get("content")
         if isinstance(token, str):

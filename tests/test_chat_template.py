@@ -132,3 +132,16 @@ def test_the_end_of_turn_token_ends_the_trained_span(chat_tokenizer):
 
 def test_compiled_templates_are_reused():
     assert compile_template("{{ 1 }}") is compile_template("{{ 1 }}")
+
+
+def test_special_token_names_are_the_folders_as_transformers_reads_them(tmp_path, chat_tokenizer):
+    """llama-tiny's tokenizer_config.json says "bos_token": null, while config.json names a BOS id:
+    a template's {{ bos_token }} is empty, as in transformers, and an export keeps the null."""
+    from conftest import FIXTURES
+    from minituner.hf.tokenizer import save_tokenizer
+    tok = load_tokenizer(FIXTURES / "llama-tiny")
+    assert tok.bos_id is not None and tok.tokenizer_config["bos_token"] is None
+    tok.chat_template_file = "[{{ bos_token }}|{{ eos_token }}]"
+    assert render(tok, []) == "[|<|endoftext|>]"
+    save_tokenizer(tok, tmp_path)
+    assert render(load_tokenizer(tmp_path), []) == "[|<|endoftext|>]"

@@ -70,7 +70,9 @@ def save_tokenizer(tokenizer: Tokenizer, path) -> None:
     tokenizer.backend.save(str(folder / "tokenizer.json"))
     tok_cfg = dict(tokenizer.tokenizer_config)
     tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    for role in ("bos", "eos", "pad"):
+    for role in ("bos", "eos", "pad"):  # a name the folder gave (null included) is kept: chat templates read it
+        if f"{role}_token" in tok_cfg and tok_cfg[f"{role}_token"] is None:
+            continue
         token_id = getattr(tokenizer, f"{role}_id")
         tok_cfg[f"{role}_token"] = tokenizer.id_to_token(token_id) if token_id is not None else None
     gen_cfg = dict(tokenizer.generation_config)

@@ -17,6 +17,7 @@ folder: the tuned model, LoRA merged in) and, for LoRA, adapter/ (a PEFT folder)
 
 import argparse
 import sys
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +27,10 @@ from minituner.atomic import write_json
 from minituner.batching import pack, pad_collate, steps_per_epoch
 from minituner.datafile import split_validation
 from minituner.distributed import all_gather_object, init_runtime, shutdown
-from minituner.errors import run_command
+from minituner.errors import OptionError, run_command
 from minituner.experiment import builtin, synth
 from minituner.experiment.scoring import exact_match, spread
-from minituner.chat_template import template_source
+from minituner.chat_template import fix_clock, template_source
 from minituner.formats import FORMATS, read_conversations
 from minituner.generate import greedy_texts
 from minituner.hf.folder import load_pretrained
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--template", choices=["auto", MODEL, *TEMPLATES], default="auto",
                    help="prompt template (model: the folder's own Jinja chat template; auto: that if the folder has "
                         "one, else chatml or llama3 if the tokenizer has their tokens, else alpaca)")
+    g.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
+                   help="the date a chat template reads (strftime_now, e.g. Llama 3's 'Today Date'; default: the "
+                        "run's start, kept on --resume)")
     g.add_argument("--val-data", help="held-out validation file (default: split --val-fraction off --data)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out (0 = none)")
     g.add_argument("--max-len", type=int, default=None,
@@ -88,10 +92,13 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device, args.dist_timeout)
     say = print if runtime.is_main else (lambda *a, **k: None)
-    args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
+    # ranks that started on another second named another default folder and date: rank 0's hold
+    now = datetime.now().isoformat(timespec="seconds")
+    args.out, args.template_date = all_gather_object((args.out, args.template_date or now), runtime)[0]
     if args.builtin:
         args.base = str(builtin.check_base_model())
     settle(args, runtime.device, default_lr=DEFAULT_LR[args.method])
+    fix_clock(template_date(args))
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
     if args.builtin and args.resume is None:
@@ -215,6 +222,15 @@ def fit_prompt(ids: list[int], n_prefix: int, room: int) -> list[int]:
     if len(ids) <= room:
         return ids
     return ids[:n_prefix] + ids[len(ids) - max(1, room - n_prefix):]
+
+
+def template_date(args) -> datetime:
+    """The time the run's chat templates read: --template-date, else the run's start (recorded in
+    config.json, so that a resumed run renders the same text)."""
+    try:
+        return datetime.fromisoformat(args.template_date)
+    except ValueError:
+        raise OptionError("template_date", f"{args.template_date!r} is not a date (YYYY-MM-DD)") from None
 
 
 def template_name(template: str, tokenizer) -> str:

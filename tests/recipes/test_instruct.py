@@ -218,3 +218,20 @@ def test_a_model_with_its_own_chat_template_is_trained_and_exported_in_it(tmp_pa
     samples = json.loads((out / "samples.json").read_text())["samples"]
     assert samples[0]["prompt"].startswith("<|im_start|>system\nYou are Quill")
     assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_a_dated_chat_template_renders_the_runs_date(tmp_path, data, capsys):
+    """Llama 3's template writes "Today Date: ..." (strftime_now): a run renders its start date,
+    or --template-date, and records it, so that a resumed run renders the same text."""
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    shutil.copy(FIXTURES / "chat_templates" / "llama3-dated.jinja", base / "chat_template.jinja")
+    out = tmp_path / "run"
+    assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(out), "--steps", "1",
+                                "--batch-size", "4", "--max-len", "256", "--samples", "0", "--show-mask",
+                                "--template-date", "2024-07-26", "--no-progress"]) == 0
+    assert "Today Date: 26 Jul 2024" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["template_date"] == "2024-07-26"
+    assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(tmp_path / "bad"),
+                                "--template-date", "July", "--no-progress"]) == 2
+    assert "--template-date 'July' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
