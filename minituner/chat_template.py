@@ -136,7 +136,7 @@ def compile_template(text: str, source: str = "chat template") -> jinja2.Templat
     try:
         tree = env.parse(text)
     except jinja2.TemplateSyntaxError as e:
-        raise UserError(f"{source}: line {e.lineno}: not a valid Jinja template ({e.message})") from None
+        raise UserError(f"{source}: line {e.lineno}: not a valid Jinja template ({_one_line(e.message)})") from None
     for node in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
         raise UserError(f"{source}: line {node.lineno}: refused, a chat template may not include, import or "
                         "extend other templates (it would read files)")
@@ -176,11 +176,12 @@ def render(tokenizer, messages: list[dict], *, tools: list | None = None, add_ge
             chunks.append(chunk)
             record["length"] += len(chunk)
     except jinja2.exceptions.SecurityError as e:
-        raise UserError(f"{source}: refused, the template reached for something unsafe ({e})") from None
+        raise UserError(f"{source}: refused, the template reached for something unsafe ({_one_line(e)})") from None
     except jinja2.TemplateError as e:
-        raise UserError(f"{source}: the template refuses this conversation: {e}") from None
+        raise UserError(f"{source}: the template refuses this conversation: {_one_line(e)}") from None
     except Exception as e:  # the template's own program failed (a type error in its expressions, ...)
-        raise UserError(f"{source}: the template failed on this conversation ({type(e).__name__}: {e})") from None
+        raise UserError(f"{source}: the template failed on this conversation ({type(e).__name__}: "
+                        f"{_one_line(e)})") from None
     finally:
         _RECORD.reset(token)
     text = "".join(chunks)
@@ -191,6 +192,10 @@ def render(tokenizer, messages: list[dict], *, tools: list | None = None, add_ge
             raise UserError(f"{source}: a {{% generation %}} block whose text is not written where it is rendered "
                             "(inside a macro or a set block); cannot tell which characters it marks")
     return text, [(start, end) for start, end, _ in record["spans"] if end > start]
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 # ----------------------------------------------------------------------------- conversations
