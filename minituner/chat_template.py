@@ -50,21 +50,24 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from minituner.errors import UserError
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 # ----------------------------------------------------------------------------- the template's text
 def template_text(tokenizer, tools: bool = False) -> str | None:
-    """The model's own chat template, or None: chat_template.jinja, else tokenizer_config.json's
+    """The model's own chat template, or None: chat_template.jinja (additional_chat_templates/
+    tool_use.jinja for a conversation with tools, if there is one), else tokenizer_config.json's
     "chat_template" (a string, or a list of {"name", "template"}: "tool_use" for a conversation
     with tools if there is one, else "default"), as transformers picks it."""
     if tokenizer.chat_template_file is not None:
+        if tools and "tool_use" in tokenizer.named_templates:  # additional_chat_templates/tool_use.jinja
+            return tokenizer.named_templates["tool_use"]
         return tokenizer.chat_template_file
     own = tokenizer.tokenizer_config.get("chat_template")
     if own is None or isinstance(own, str):
         return own
     if not isinstance(own, list) or not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in own):
-        raise UserError(f'{template_source(tokenizer)} should be a string or a list of {{"name": ..., "template": ...}}')
+        raise UserError(f'{template_source(tokenizer)} should be a string or a list of '
+                        '{"name": ..., "template": ...}')
     named = {t.get("name"): t["template"] for t in own}
     chosen = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
     if chosen is None:
@@ -76,8 +79,9 @@ def template_text(tokenizer, tools: bool = False) -> str | None:
 def template_source(tokenizer) -> str:
     """Where the model's chat template comes from, for messages."""
     folder = f"{tokenizer.folder}/" if tokenizer.folder else ""
-    file = "chat_template.jinja" if tokenizer.chat_template_file is not None else 'tokenizer_config.json "chat_template"'
-    return folder + file
+    if tokenizer.chat_template_file is not None:
+        return folder + "chat_template.jinja"
+    return folder + 'tokenizer_config.json "chat_template"'
 
 
 # ----------------------------------------------------------------------------- the sandbox
@@ -101,6 +105,31 @@ class _GenerationBlocks(Extension):
         if record is not None:  # the text already yielded ends where this block starts
             record["spans"].append((record["length"], record["length"] + len(text), text))
         return text
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """namespace(...) without underscore names: {% set ns.__html__ = ... %} would have Jinja call
+    what a template put there outside the sandbox's checks (transformers refuses them too)."""
+
+    def __init__(*args, **kwargs):  # Jinja's signature trick: `self` may also be a keyword
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        super(_Namespace, self).__init__(attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)  # (a Namespace answers attribute lookups from its own items)
+        super().__setitem__(name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_' ({name!r})")
+
+
+def _dict(*args, **kwargs) -> dict:  # dict(...) without the type itself (its methods, its subclasses)
+    return dict(*args, **kwargs)
 
 
 def _raise_exception(message):
@@ -132,7 +161,7 @@ def compile_template(text: str, source: str = "chat template") -> jinja2.Templat
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlocks, loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace, dict=_dict)
     try:
         tree = env.parse(text)
     except jinja2.TemplateSyntaxError as e:
@@ -140,24 +169,20 @@ def compile_template(text: str, source: str = "chat template") -> jinja2.Templat
     for node in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
         raise UserError(f"{source}: line {node.lineno}: refused, a chat template may not include, import or "
                         "extend other templates (it would read files)")
-    return env.from_string(tree)
+    try:
+        return env.from_string(tree)
+    except (jinja2.TemplateError, SyntaxError) as e:  # an unknown filter or test; {% break %} outside a loop
+        raise UserError(f"{source}: not a valid Jinja template ({_one_line(e)})") from None
 
 
 def special_tokens(tokenizer) -> dict[str, str]:
     """The special-token names a template may read ({{ bos_token }}), as transformers passes them:
-    tokenizer_config.json's (a null one is absent), else the tokens of the tokenizer's ids."""
-    names = {}
-    for name in _SPECIAL_NAMES:
-        if name in tokenizer.tokenizer_config:
-            token = tokenizer.tokenizer_config[name]
-        else:
-            token_id = getattr(tokenizer, name.replace("_token", "_id"), None)
-            token = tokenizer.id_to_token(token_id) if token_id is not None else None
-        if isinstance(token, dict):  # a serialised AddedToken
-            token = token.get("content")
-        if isinstance(token, str):
-            names[name] = token
-    return names
+    those the folder's tokenizer_config.json (or special_tokens_map.json) states; for a tokenizer
+    made in Python, the tokens of its bos/eos/pad ids."""
+    if tokenizer.special_names is not None:
+        return {name: token for name, token in tokenizer.special_names.items() if token is not None}
+    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    return {name: tokenizer.id_to_token(i) for name, i in ids.items() if i is not None}
 
 
 def render(tokenizer, messages: list[dict], *, tools: list | None = None, add_generation_prompt: bool = False,
@@ -165,7 +190,7 @@ def render(tokenizer, messages: list[dict], *, tools: list | None = None, add_ge
     """The model's chat template applied to `messages` (Hugging Face form: see hf_messages):
     the text, or with_spans, (text, [(start, end)] of its {% generation %} blocks)."""
     source = template_source(tokenizer)
-    template = compile_template(template_text(tokenizer, tools=bool(tools)), source)
+    template = compile_template(template_text(tokenizer, tools=tools is not None), source)
     variables = {**special_tokens(tokenizer), "messages": messages, "tools": tools, "documents": None,
                  "add_generation_prompt": add_generation_prompt}
     record = {"length": 0, "spans": []}
@@ -199,12 +224,14 @@ def _one_line(error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- conversations
+_REASONING = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, by its names in data
 def hf_messages(conversation: list[dict]) -> tuple[list[dict], list | None]:
     """(messages, tools) as transformers' apply_chat_template takes them, from a conversation as
     minituner/formats.py reads it: an Alpaca input joins its instruction; the function schemas a
     system message carries become `tools` (each {"type": "function", "function": schema}), and a
     system message that carried only them is left out (the template writes its own); an assistant
-    message's tool calls stay "tool_calls", without a "content" when it has none."""
+    message's tool calls stay "tool_calls", without a "content" when it has none; its reasoning is
+    given as "reasoning_content" and "thinking" whichever name the data used."""
     messages, tools = [], None
     for message in conversation:
         out = {key: value for key, value in message.items()
@@ -218,6 +245,9 @@ def hf_messages(conversation: list[dict]) -> tuple[list[dict], list | None]:
                 continue
         if message.get("tool_calls") and not message.get("content"):
             out.pop("content", None)
+        reasoning = next((out[k] for k in _REASONING if out.get(k) is not None), None)
+        if reasoning is not None:  # under every name templates read it by, as transformers passes it
+            out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
         messages.append(out)
     return messages, tools
 
@@ -230,6 +260,7 @@ class Rendering(NamedTuple):
     text: str  # the conversation as the template writes it
     spans: list[tuple[int, int]]  # the (start, end) characters that train
     unprompted: int  # turns whose generation prompt is not how the template starts them (see trained_text)
+    unended: int  # turns with no special token after the reply: nothing teaches the model to stop
 
 
 def trained_text(tokenizer, conversation: list[dict]) -> Rendering:
@@ -237,36 +268,37 @@ def trained_text(tokenizer, conversation: list[dict]) -> Rendering:
     module docstring). Assistant messages marked "weight": 0 are context only. Raises
     TurnsRewritten when a trained turn is written otherwise once later turns follow."""
     messages, tools = hf_messages(conversation)
-    if GENERATION_TAG.search(template_text(tokenizer, tools=bool(tools))):
+    if GENERATION_TAG.search(template_text(tokenizer, tools=tools is not None)):
         text, spans = render(tokenizer, messages, tools=tools, with_spans=True)
         if not spans:
             raise UserError(f"{template_source(tokenizer)}: its {{% generation %}} blocks mark nothing in this "
                             "conversation")
-        return Rendering(text, spans, 0)
-    full, spans, unprompted = render(tokenizer, messages, tools=tools), [], 0
+        return Rendering(text, spans, 0, 0)
+    full, spans, unprompted, unended = render(tokenizer, messages, tools=tools), [], 0, 0
     end_token = _end_of_turn(tokenizer, tools)
     dropped = len(conversation) - len(messages)  # a leading system message that carried only tools
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or conversation[i + dropped].get("weight", 1) == 0:
+        if message["role"] != "assistant" or conversation[i + dropped].get("weight", 1) == 0:  # as templates.trains
             continue
         prompt = render(tokenizer, messages[:i], tools=tools, add_generation_prompt=True)
         through = render(tokenizer, messages[:i + 1], tools=tools) if i < len(messages) - 1 else full
         start = _common_prefix(prompt, through)
         unprompted += start < len(prompt)
-        end = _turn_end(tokenizer, through, start, end_token)
+        end, ended = _turn_end(tokenizer, through, start, end_token)
+        unended += not ended
         if full[:end] != through[:end]:
             raise TurnsRewritten(f"{template_source(tokenizer)}: message {i + 1} is written otherwise once "
                                  "later turns follow")
         spans.append((start, end))
-    return Rendering(full, spans, unprompted)
+    return Rendering(full, spans, unprompted, unended)
 
 
 def per_turn(conversation: list[dict]) -> list[list[dict]]:
     """One conversation per assistant turn: the conversation up to it, earlier answers untrained
     ("weight": 0, as OpenAI's fine-tuning format marks them)."""
     turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
-    return [[{**m, "weight": 0} if m["role"] == "assistant" and i < end else m for i, m in enumerate(conversation[:end + 1])]
-            for end in turns]
+    return [[{**m, "weight": 0} if m["role"] == "assistant" and i < end else m
+             for i, m in enumerate(conversation[:end + 1])] for end in turns]
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -275,14 +307,14 @@ def _common_prefix(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _turn_end(tokenizer, text: str, start: int, end_token: str | None) -> int:
-    """Where the trained part of the assistant turn text[start:] ends: after the template's
-    end-of-turn token, its last one in the turn; without one there, after the last special token;
-    without any, at the turn's end less trailing whitespace."""
-    if end_token is not None and text.rfind(end_token, start) >= 0:
-        return text.rfind(end_token, start) + len(end_token)
+def _turn_end(tokenizer, text: str, start: int, end_token: str | None) -> tuple[int, bool]:
+    """(end, ended): where the trained part of the assistant turn text[start:] ends: after the
+    template's end-of-turn token, its first in the turn; without one there, after the last special
+    token; without any (ended False), at the turn's end less trailing whitespace."""
+    if end_token is not None and text.find(end_token, start) >= 0:
+        return text.find(end_token, start) + len(end_token), True
     ends = [m.end() for m in tokenizer.special_pattern.finditer(text, start)]
-    return ends[-1] if ends else max(start, len(text.rstrip()))
+    return (ends[-1], True) if ends else (max(start, len(text.rstrip())), False)
 
 
 _PROBE_REPLY = "Hello"
@@ -293,23 +325,25 @@ def _end_of_turn(tokenizer, tools) -> str | None:
     """The special token the template writes right after an assistant's reply (<|im_end|>,
     <|eot_id|>, </s>, <end_of_turn>, ...), found by rendering a one-exchange conversation; None
     if the template will not render one or writes no special token there."""
-    key = (template_text(tokenizer, tools=bool(tools)), bool(tools), tuple(special_tokens(tokenizer).items()),
-           tokenizer.special_pattern.pattern)
+    key = (template_text(tokenizer, tools=tools is not None), tools is not None,
+           tuple(special_tokens(tokenizer).items()), tokenizer.special_pattern.pattern)
     if key not in _END_OF_TURN:
         _END_OF_TURN[key] = _probe_end_of_turn(tokenizer, tools)
     return _END_OF_TURN[key]
 
 
 def _probe_end_of_turn(tokenizer, tools) -> str | None:
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
-    try:
-        prompt = render(tokenizer, probe[:1], tools=tools, add_generation_prompt=True)
-        text = render(tokenizer, probe, tools=tools)
-    except UserError:
-        return None
-    reply = text.find(_PROBE_REPLY, _common_prefix(prompt, text))
-    found = tokenizer.special_pattern.search(text, reply + len(_PROBE_REPLY)) if reply >= 0 else None
-    return found.group() if found else None
+    exchange = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    for probe in (exchange, [{"role": "system", "content": "Be brief."}] + exchange):  # some templates need one
+        try:
+            prompt = render(tokenizer, probe[:-1], tools=tools, add_generation_prompt=True)
+            text = render(tokenizer, probe, tools=tools)
+        except UserError:
+            continue
+        reply = text.find(_PROBE_REPLY, _common_prefix(prompt, text))
+        found = tokenizer.special_pattern.search(text, reply + len(_PROBE_REPLY)) if reply >= 0 else None
+        return found.group() if found else None
+    return None
 
 
 def encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool], int]:

@@ -20,7 +20,9 @@ Layouts ("formats"), told apart by the first record's keys unless named:
   messages  {"messages": [{"role", "content"}, ...], "tools"?} (OpenAI style). A content may be a
             list of typed parts [{"type": "text", "text": ...}]; its text parts are concatenated,
             as chat templates do. An assistant message may carry "tool_calls" (then its content
-            may be empty or null), a tool message "name" and "tool_call_id". KTO data marks
+            may be empty or null) and "weight": 0 (OpenAI's mark of an answer that is context,
+            not trained); other fields ("reasoning_content", a tool's "name" and "tool_call_id")
+            are kept for a model's own chat template. KTO data marks
             undesirable answers with "label": false; those records must not be imitated, so
             they are skipped and counted.
   sharegpt  {"conversations": [{"from", "value"}, ...], "system"?, "tools"?}. Tool-calling data
@@ -232,24 +234,26 @@ def _message(item: dict) -> dict:
         content = ""
     elif not isinstance(content, str):
         raise UserError(f'field "content" should be a string or a list of text parts, found {type_name(content)}')
-    message = {"role": role, "content": content}
+    weight = item.get("weight", 1)
+    if role == "assistant" and (weight not in (0, 1) or isinstance(weight, bool)):
+        raise UserError(f'field "weight" should be 0 or 1, found {json.dumps(weight)}')
+    # every other field (reasoning_content, name, tool_call_id, ...) goes to a model's own chat
+    # template as transformers passes it; null ones are left out, as transformers does
+    message = {**{k: v for k, v in item.items() if v is not None}, "role": role, "content": content}
     if calls:
         message["tool_calls"] = [_in_item(f"tool_calls[{i}]", _tool_call, c) for i, c in enumerate(calls)]
-    for key in ("name", "tool_call_id") if role == "tool" else ():
-        if isinstance(item.get(key), str):
-            message[key] = item[key]
     return message
 
 
 def _tool_call(call: dict) -> dict:
-    """A tool call in OpenAI's shape {"type": "function", "function": {"name", "arguments"}}
-    (a bare {"name", "arguments"} is wrapped)."""
+    """A tool call in OpenAI's shape {"type": "function", "function": {"name", "arguments"}}, as
+    given; a bare {"name", "arguments"} is wrapped."""
     if "function" not in call:
         call = {"type": "function", "function": call}
     if not isinstance(call["function"], dict):
         raise UserError(f'field "function" should be an object, found {type_name(call["function"])}')
     _text(call["function"], ("name",))
-    return {"type": "function", **call}
+    return call
 
 
 def _text_part(part: dict) -> str:
@@ -314,6 +318,8 @@ def _checked(key: str, messages: list[dict]) -> list[dict]:
             raise UserError(f"{key}[{i}]: a system message may only come first")
         if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise UserError(f"{key}[{i}]: the assistant's content is empty")
+    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+        raise UserError('every assistant message has "weight": 0; a training conversation needs one to train')
     if messages[-1]["role"] != "assistant":
         raise UserError(f'the last message is from "{messages[-1]["role"]}"; a training conversation '
                         "must end with the assistant's answer")

@@ -53,7 +53,8 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
      "tokens": of the examples kept, "trained_tokens": of those, carrying loss (labels[1:] set, as in loss.py),
      and for the model's own template (see chat_template.py): "straddling", trained tokens reaching over a
      trained span's boundary; "unprompted", assistant turns that do not start with the template's generation
-     prompt; "per_turn", conversations taken one assistant turn per example}.
+     prompt; "unended", assistant turns followed by no special token (nothing teaches the model to stop);
+     "per_turn", conversations taken one assistant turn per example}.
 
     train_on_prompt: label every token, prompt included (an ablation; truncation is unchanged).
     source: the data's name for error messages.
@@ -63,14 +64,15 @@ def build_examples(conversations: list, tokenizer, template: str, *, max_len: in
     if not conversations:
         raise UserError(f"{where}no conversations to make training examples from")
     examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "trained_tokens": 0,
-                           "straddling": 0, "unprompted": 0, "per_turn": 0}
+                           "straddling": 0, "unprompted": 0, "unended": 0, "per_turn": 0}
     for n, conversation in enumerate(conversations, 1):
         try:
-            built = [_build(conversation, tokenizer, template, max_len, train_on_prompt)]
-        except chat_template.TurnsRewritten:
-            stats["per_turn"] += 1
-            built = [_build(turn, tokenizer, template, max_len, train_on_prompt)
-                     for turn in chat_template.per_turn(conversation)]
+            try:
+                built = [_build(conversation, tokenizer, template, max_len, train_on_prompt)]
+            except chat_template.TurnsRewritten:
+                stats["per_turn"] += 1
+                built = [_build(turn, tokenizer, template, max_len, train_on_prompt)
+                         for turn in chat_template.per_turn(conversation)]
         except UserError as e:
             raise UserError(f"{where}conversation {n}: {e}") from None
         for example, truncated, counts in built:
@@ -117,7 +119,7 @@ def encode_conversation(conversation: list[dict], tokenizer, template: str) -> t
         return *tokenize_segments(render(conversation, template), tokenizer), {}
     rendering = chat_template.trained_text(tokenizer, conversation)
     ids, trained, straddling = chat_template.encode(tokenizer, rendering.text, rendering.spans)
-    return ids, trained, {"straddling": straddling, "unprompted": rendering.unprompted}
+    return ids, trained, {"straddling": straddling, "unprompted": rendering.unprompted, "unended": rendering.unended}
 
 
 def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:

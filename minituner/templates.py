@@ -96,8 +96,22 @@ def message_text(message: dict) -> str:
     if message.get("tools") is not None:
         text = describe_tools(text, message["tools"])
     calls = [call.get("function", call) for call in message.get("tool_calls") or ()]
-    lines = [json.dumps({"name": c.get("name"), "arguments": c.get("arguments")}, ensure_ascii=False) for c in calls]
+    lines = [json.dumps({"name": c.get("name"), "arguments": _decoded(c.get("arguments"))}, ensure_ascii=False)
+             for c in calls]
     return "\n".join(([text] if text else []) + lines)
+
+
+def _decoded(arguments):
+    """Tool-call arguments as an object: OpenAI's data gives them as a JSON string."""
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        return arguments
+
+
+def trains(message: dict) -> bool:
+    """Whether a message is trained: an assistant's, unless marked "weight": 0 (context only)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
 def describe_tools(system: str, tools: list) -> str:
@@ -130,13 +144,13 @@ def _alpaca(conversation: list[dict]):
             yield Segment(message["content"], False)
         else:
             yield Segment("### Response:\n", False, MARKUP)
-            yield Segment(message_text(message), True)
-            yield Segment("", True, EOS)
+            yield Segment(message_text(message), trains(message))
+            yield Segment("", trains(message), EOS)
 
 
 def _chatml(conversation: list[dict]):
     for message in conversation:
-        trained = message["role"] == "assistant"
+        trained = trains(message)
         yield Segment(f"<|im_start|>{message['role']}\n", False, MARKUP)
         yield Segment(message_text(message), trained)
         yield Segment("<|im_end|>", trained, MARKUP)
@@ -145,7 +159,7 @@ def _chatml(conversation: list[dict]):
 
 def _llama3(conversation: list[dict]):
     for message in conversation:
-        trained = message["role"] == "assistant"
+        trained = trains(message)
         role = "ipython" if message["role"] == "tool" else message["role"]
         yield Segment(f"<|start_header_id|>{role}<|end_header_id|>\n\n", False, MARKUP)
         yield Segment(message_text(message), trained)
@@ -157,8 +171,8 @@ def _mistral(conversation: list[dict]):
     system = message_text(messages.pop(0)) + "\n\n" if messages and messages[0]["role"] == "system" else ""
     for message in messages:
         if message["role"] == "assistant":
-            yield Segment(message_text(message), True)
-            yield Segment("", True, EOS)
+            yield Segment(message_text(message), trains(message))
+            yield Segment("", trains(message), EOS)
         else:  # the space goes with the text, where a tokenizer reading the whole string merges it
             yield Segment("[INST]", False, MARKUP)
             yield Segment(" " + system + message_text(message), False)
@@ -169,8 +183,8 @@ def _mistral(conversation: list[dict]):
 def _plain(conversation: list[dict]):
     for message in conversation:
         if message["role"] == "assistant":
-            yield Segment(message_text(message), True)
-            yield Segment("", True, EOS)
+            yield Segment(message_text(message), trains(message))
+            yield Segment("", trains(message), EOS)
         else:
             yield Segment(message_text(message), False)
             yield Segment("\n\n" if message["role"] == "system" else "\n", False, MARKUP)

@@ -26,6 +26,8 @@ ENDOFTEXT = "<|endoftext|>"
 # Special tokens of a from-scratch tokenizer: end of text (also the pad), and ChatML's turn
 # markers so that chat templates work without resizing the embedding later.
 SCRATCH_SPECIAL_TOKENS = (ENDOFTEXT, "<|im_start|>", "<|im_end|>")
+# The special-token names of Hugging Face tokenizer files (tokenizer_config.json), which chat templates read.
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
@@ -41,6 +43,8 @@ class Tokenizer:
         self.generation_config = dict(generation_config or {})
         self.chat_template_file = chat_template_file  # text of chat_template.jinja, if the folder had one
         self.folder = folder  # the folder it was read from, for messages
+        self.named_templates = {}  # name -> text of additional_chat_templates/<name>.jinja (tool_use, ...)
+        self.special_names = None  # SPECIAL_NAMES as the folder's files state them; None: made here, named by the ids
         self.prefix_ids, self.suffix_ids = self._special_affixes()
 
     @cached_property

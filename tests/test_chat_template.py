@@ -5,7 +5,7 @@ tests/hf/test_hf_chat_templates.py; these tests need only minituner."""
 import pytest
 
 from conftest import chat_folder
-from minituner.chat_template import compile_template, end_of_turn_ids, render, template_text
+from minituner.chat_template import end_of_turn_ids, render, template_text
 from minituner.errors import UserError
 from minituner.hf.tokenizer import load_tokenizer
 from minituner.sft import build_examples, show_mask
@@ -29,6 +29,7 @@ def tokenizer_with(base: Tokenizer, template: str, **config) -> Tokenizer:
     "{% include 'CANARY' %}",
     "{% import 'CANARY' as m %}{{ m }}",
     "{% extends 'CANARY' %}",
+    "{% set ns = namespace() %}{% set ns.__html__ = 'CANARY'.upper %}{{ ns | escape }}",  # called unchecked
 ])
 def test_a_malicious_template_is_refused_in_one_line_and_runs_nothing(tmp_path, monkeypatch, chat_tokenizer, template):
     monkeypatch.chdir(tmp_path)
@@ -47,6 +48,9 @@ def test_a_malicious_template_is_refused_in_one_line_and_runs_nothing(tmp_path, 
 def test_template_syntax_errors_and_a_folder_without_a_template(chat_tokenizer):
     with pytest.raises(UserError, match=r"^chat_template\.jinja: line 2: not a valid Jinja template \(.*\)$"):
         check_template(MODEL, tokenizer_with(chat_tokenizer, "{{ messages }}\n{% for m in messages %}"))
+    for wrong in ("{{ messages | no_such_filter }}", "{% break %}"):  # found when compiled, not parsed
+        with pytest.raises(UserError, match=r"^chat_template\.jinja: not a valid Jinja template \(.*\)$"):
+            check_template(MODEL, tokenizer_with(chat_tokenizer, wrong))
     with pytest.raises(UserError, match="--template model: the model folder has no chat template"):
         check_template(MODEL, chat_tokenizer)
 
@@ -130,8 +134,48 @@ def test_the_end_of_turn_token_ends_the_trained_span(chat_tokenizer):
                           "⟦Farewell<|im_end|>⟧<|endoftext|>")
 
 
-def test_compiled_templates_are_reused():
-    assert compile_template("{{ 1 }}") is compile_template("{{ 1 }}")
+def test_eos_after_the_last_message_and_no_end_token_at_all(chat_tokenizer):
+    """A template ending each reply with EOS and writing one more after the last message trains one
+    EOS per reply; a template that writes no special token after a reply trains none, and every
+    such answer is counted (the model would not learn to stop)."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Farewell"}]
+    twice = ("{% for m in messages %}{{ m.role + ': ' + m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
+             "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% else %}{{ eos_token }}"
+             "{% endif %}")
+    (example,), stats = build_examples([conversation], tokenizer_with(chat_tokenizer, twice), MODEL, max_len=64)
+    assert show_mask(example, chat_tokenizer).endswith("assistant: ⟦Farewell<|endoftext|>⟧<|endoftext|>")
+    assert stats["per_turn"] == stats["unended"] == 0
+    bare = ("{% for m in messages %}{{ m.role + ': ' + m.content + '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    (example,), stats = build_examples([conversation], tokenizer_with(chat_tokenizer, bare), MODEL, max_len=64)
+    assert show_mask(example, chat_tokenizer).endswith("assistant: ⟦Farewell⟧\n") and stats["unended"] == 2
+
+
+def test_weight_zero_answers_are_context(tmp_path, template_tokenizer):
+    """OpenAI's "weight": 0 marks an answer as context: it is rendered and not trained."""
+    tok = load_tokenizer(chat_folder(tmp_path, "chatml-tools", template_tokenizer))
+    conversation = [{"role": "user", "content": "the king"}, {"role": "assistant", "content": "the lord", "weight": 0},
+                    {"role": "user", "content": "and?"}, {"role": "assistant", "content": "the lord too"}]
+    (example,), _ = build_examples([conversation], tok, MODEL, max_len=256)
+    shown = show_mask(example, tok).splitlines()[1:]  # under the legend
+    assert "⟦the lord too<|im_end|>⟧" in shown and "".join(shown).count("⟦") == 1
+
+
+def test_a_tool_use_template_beside_chat_template_jinja(tmp_path, template_tokenizer):
+    """transformers 5's layout: additional_chat_templates/tool_use.jinja renders conversations with
+    tools, and is saved back with the folder."""
+    from minituner.hf.tokenizer import save_tokenizer
+    folder = chat_folder(tmp_path / "base", "chatml-generation", template_tokenizer)
+    (folder / "additional_chat_templates").mkdir()
+    tool_use = folder / "additional_chat_templates" / "tool_use.jinja"
+    tool_use.write_text("TOOLS {{ tools | length }}{% for m in messages %}|{{ m.content }}{% endfor %}")
+    tok = load_tokenizer(folder)
+    assert template_text(tok, tools=True) == tool_use.read_text()
+    assert render(tok, [{"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {}}]) == "TOOLS 1|hi"
+    (tmp_path / "saved").mkdir()
+    save_tokenizer(tok, tmp_path / "saved")
+    assert (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").read_text() == tool_use.read_text()
 
 
 def test_special_token_names_are_the_folders_as_transformers_reads_them(tmp_path, chat_tokenizer):

@@ -254,3 +254,16 @@ def test_format_detection_reports_the_first_bad_record_or_skips_it(tmp_path):
         read_conversations(write(tmp_path, "data.jsonl", lines))
     conversations, report = read_conversations(write(tmp_path, "data.jsonl", lines), skip_bad=True)
     assert len(conversations) == 1 and report["format"] == "alpaca" and report["skipped_bad"] == 2
+
+
+def test_openai_weight_marks_answers_as_context(tmp_path):
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 1}]
+    conversations, _ = read_conversations(write(tmp_path, "w.jsonl", jsonl({"messages": messages})))
+    assert conversations[0] == messages
+    for weight, message in ((2, "should be 0 or 1, found 2"), (True, "should be 0 or 1, found true")):
+        bad = [messages[0], {**messages[1], "weight": weight}, messages[3]]
+        with pytest.raises(UserError, match=rf'b\.jsonl:1: messages\[1\]: field "weight" {message}'):
+            read_conversations(write(tmp_path, "b.jsonl", jsonl({"messages": bad})))
+    with pytest.raises(UserError, match='z.jsonl:1: every assistant message has "weight": 0'):
+        read_conversations(write(tmp_path, "z.jsonl", jsonl({"messages": [messages[0], messages[1]]})))

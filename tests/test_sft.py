@@ -173,7 +173,7 @@ def test_no_room_for_an_answer_is_dropped_and_counted(bos_tokenizer):
     assert build_example(conversations[0], bos_tokenizer, "plain", max_len=2) == (None, True)
     examples, stats = build_examples(conversations, bos_tokenizer, "plain", max_len=2)
     assert stats == {"examples": 1, "truncated": 1, "dropped": 1, "tokens": 2, "trained_tokens": 1, "straddling": 0,
-                     "unprompted": 0, "per_turn": 0}
+                     "unprompted": 0, "unended": 0, "per_turn": 0}
     with pytest.raises(UserError, match="chat.json: no training example fits in max_len=2 tokens: all 1 conversations"):
         build_examples(conversations[:1], bos_tokenizer, "plain", max_len=2, source="chat.json")
 

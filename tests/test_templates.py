@@ -4,7 +4,7 @@ from conftest import FIXTURES
 from minituner.errors import UserError
 from minituner.hf.tokenizer import load_tokenizer
 from minituner.templates import (CONTENT, EOS, MARKUP, TEMPLATES, Segment, chat_template, check_template,
-                                 default_template, generation_prompt, render, stop_ids)
+                                 default_template, generation_prompt, message_text, render, stop_ids)
 from minituner.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "Be kind."}
@@ -130,3 +130,17 @@ def test_stop_ids_are_the_templates_end_token_and_the_tokenizers(chat_tokenizer)
     assert stop_ids("chatml", chat_tokenizer) == sorted([eos, im_end])
     assert stop_ids("llama3", chat_tokenizer) == sorted([eos, eot])
     assert stop_ids("alpaca", chat_tokenizer) == stop_ids("plain", chat_tokenizer) == stop_ids("mistral", chat_tokenizer) == [eos]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_weight_zero_answers_are_rendered_and_not_trained(template):
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
+                    {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    trained = [s.text for s in render(conversation, template) if s.trained and s.kind == CONTENT]
+    assert trained == ["d"] and any("b" in s.text for s in render(conversation, template))
+
+
+def test_tool_calls_are_written_as_json_objects():
+    """OpenAI's data gives arguments as a JSON string: written as the object it holds."""
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    assert message_text({"role": "assistant", "content": "", "tool_calls": [call]}) == '{"name": "f", "arguments": {"a": 1}}'

@@ -168,7 +168,7 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer, path, max_shard_by
 # What save_pretrained writes, in any of its layouts: a folder holding anything else (a run's
 # metrics, a model card, the user's notes) is never replaced.
 _MODEL_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json"
-                          r"|chat_template\.jinja|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+                          r"|chat_template\.jinja|additional_chat_templates|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 def check_replaceable(path: Path, files: re.Pattern = _MODEL_FILES, kind: str = "model") -> Path:

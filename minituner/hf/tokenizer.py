@@ -7,7 +7,9 @@ Which special tokens a folder means is spread over several files. We read, in or
   generation_config.json bos/eos/pad ids; `eos_token_id` may be a list (Llama 3 instruct stops on
                          <|eot_id|> and <|eom_id|> too): all of them stop generation;
   config.json            the same ids, when the other two are silent.
-A chat_template.jinja is kept as it is and written back on save.
+A chat_template.jinja (and transformers 5's additional_chat_templates/*.jinja) is kept as it is
+and written back on save, with the special-token names as the folder states them, which chat
+templates read ({{ bos_token }}).
 """
 
 import json
@@ -16,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as Backend
 
 from minituner.errors import UserError, read_json
-from minituner.tokenizer import Tokenizer
+from minituner.tokenizer import SPECIAL_NAMES, Tokenizer
 
 
 def load_tokenizer(path) -> Tokenizer:
@@ -46,8 +48,16 @@ def load_tokenizer(path) -> Tokenizer:
     stop_ids = _id_list(gen_cfg, "eos_token_id", gen_file) or _id_list(model_cfg, "eos_token_id", model_file)
     template_file = folder / "chat_template.jinja"
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-    return Tokenizer(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
-                     tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template, folder=str(folder))
+    named = {file.stem: file.read_text(encoding="utf-8")  # transformers 5 keeps e.g. tool_use.jinja there
+             for file in sorted((folder / "additional_chat_templates").glob("*.jinja"))}
+    tokenizer = Tokenizer(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
+                          tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template,
+                          folder=str(folder))
+    tokenizer.named_templates = named
+    # the names as the files state them (null included), what transformers passes to chat templates
+    tokenizer.special_names = {name: _token_name(cfg[name]) for name in SPECIAL_NAMES
+                               for cfg in (tok_cfg if name in tok_cfg else map_cfg,) if name in cfg}
+    return tokenizer
 
 
 def set_chat_format(tokenizer: Tokenizer, chat_template: str | None, stop_ids: list[int]) -> None:
@@ -70,11 +80,12 @@ def save_tokenizer(tokenizer: Tokenizer, path) -> None:
     tokenizer.backend.save(str(folder / "tokenizer.json"))
     tok_cfg = dict(tokenizer.tokenizer_config)
     tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    for role in ("bos", "eos", "pad"):  # a name the folder gave (null included) is kept: chat templates read it
-        if f"{role}_token" in tok_cfg and tok_cfg[f"{role}_token"] is None:
-            continue
-        token_id = getattr(tokenizer, f"{role}_id")
-        tok_cfg[f"{role}_token"] = tokenizer.id_to_token(token_id) if token_id is not None else None
+    if tokenizer.special_names is not None:  # read from a folder: as it stated them (chat templates read them)
+        tok_cfg.update(tokenizer.special_names)
+    else:  # made here: its ids name them
+        for role in ("bos", "eos", "pad"):
+            token_id = getattr(tokenizer, f"{role}_id")
+            tok_cfg[f"{role}_token"] = tokenizer.id_to_token(token_id) if token_id is not None else None
     gen_cfg = dict(tokenizer.generation_config)
     if not gen_cfg:
         gen_cfg = {"bos_token_id": tokenizer.bos_id, "eos_token_id": _id_or_list(tokenizer.stop_ids),
@@ -84,6 +95,16 @@ def save_tokenizer(tokenizer: Tokenizer, path) -> None:
     (folder / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n", encoding="utf-8")
     if tokenizer.chat_template_file is not None:
         (folder / "chat_template.jinja").write_text(tokenizer.chat_template_file, encoding="utf-8")
+    if tokenizer.named_templates:
+        (folder / "additional_chat_templates").mkdir(exist_ok=True)
+        for name, text in tokenizer.named_templates.items():
+            (folder / "additional_chat_templates" / f"{name}.jinja").write_text(text, encoding="utf-8")
+
+
+def _token_name(token) -> str | None:
+    """A special token as tokenizer files write it: a string, a serialised AddedToken, or null."""
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
 
 
 def _special_id(backend: Backend, names: dict, source: Path, role: str) -> int | None:

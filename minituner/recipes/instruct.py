@@ -25,12 +25,12 @@ import torch
 
 from minituner.atomic import write_json
 from minituner.batching import pack, pad_collate, steps_per_epoch
+from minituner.chat_template import fix_clock, template_source
 from minituner.datafile import split_validation
 from minituner.distributed import all_gather_object, init_runtime, shutdown
 from minituner.errors import OptionError, run_command
 from minituner.experiment import builtin, synth
 from minituner.experiment.scoring import exact_match, spread
-from minituner.chat_template import fix_clock, template_source
 from minituner.formats import FORMATS, read_conversations
 from minituner.generate import greedy_texts
 from minituner.hf.folder import load_pretrained
@@ -247,6 +247,9 @@ def stats_line(stats: dict) -> str:
                      "from where they differ)")
     if stats.get("straddling"):
         parts.append(f"{stats['straddling']} trained tokens straddle a prompt/answer boundary")
+    if stats.get("unended"):
+        parts.append(f"{stats['unended']} answers followed by no special token (the template writes no end-of-turn "
+                     "token to learn to stop on)")
     if stats.get("truncated"):
         parts.append(f"{stats['truncated']} truncated")
     if stats.get("dropped"):
@@ -260,6 +263,7 @@ def main(argv=None) -> int:
         return run_command(run, argv, FLAGS)
     finally:
         release_all()  # the run folder's lock, when the run ends in a process that goes on
+        fix_clock(None)  # and the date its chat templates read
 
 
 if __name__ == "__main__":

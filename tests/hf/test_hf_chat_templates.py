@@ -10,6 +10,7 @@ from itertools import groupby
 import pytest
 
 from conftest import CHAT_TEMPLATES, DATA, chat_folder, sentencepiece_like
+from minituner import chat_template
 from minituner.errors import UserError
 from minituner.formats import read_conversations
 from minituner.hf.tokenizer import load_tokenizer
@@ -129,3 +130,39 @@ def test_template_that_rewrites_past_turns_trains_each_turn_as_served(tmp_path, 
                                                               return_dict=True)["input_ids"]
         assert trained_pieces(example, tokenizer) == [conversation[end - 1]["content"] + "<|im_end|>"]
     assert "the crown" not in tokenizer.decode(examples[1]["input_ids"])  # served without past reasoning
+
+
+def test_what_a_template_reads_is_what_transformers_passes(tmp_path, template_tokenizer):
+    """Special-token names from tokenizer_config.json and special_tokens_map.json only (a BOS id in
+    config.json is no bos_token), a message's reasoning under its names, tool-call fields as given,
+    and transformers 5's additional_chat_templates/tool_use.jinja for a conversation with tools."""
+    folder = chat_folder(tmp_path, "chatml-tools", template_tokenizer)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<s>"}))
+    (folder / "config.json").write_text(json.dumps({"bos_token_id": template_tokenizer.token_to_id("<bos>")}))
+    (folder / "chat_template.jinja").write_text(
+        "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}{% for m in messages %}|{{ m.role }}:{{ m.content }}"
+        "/{{ m.reasoning_content }}/{{ m.thinking }}/{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}"
+        "{% endfor %}")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS {{ tools | tojson }}")
+    record = {"messages": [{"role": "user", "content": "the king"},
+                           {"role": "assistant", "content": "the lord", "reasoning": "who rules?"},
+                           {"role": "user", "content": "and?"},
+                           {"role": "assistant", "content": None, "tool_calls": [
+                               {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(record) + "\n" + json.dumps({**record, "tools": [{"name": "f"}]}) + "\n")
+    conversations, _ = read_conversations(data)
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.bos_id is not None  # minituner knows the BOS id, and still passes no bos_token
+    ours = []
+    for conversation in conversations:
+        messages, tools = chat_template.hf_messages(conversation)
+        ours.append(chat_template.render(tokenizer, messages, tools=tools))
+    tools = [{"type": "function", "function": {"name": "f"}}]  # a bare schema, wrapped as transformers makes them
+    assert ours == [hf.apply_chat_template(record["messages"], tokenize=False),
+                    hf.apply_chat_template(record["messages"], tools=tools, tokenize=False)]
+    assert ours[0].startswith("|<|im_end|>|<s>|user:the king") and ours[1].startswith("TOOLS")

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, FIXTURES, ROOT, StopAfterTwoSteps
-from minituner import trainer
+from minituner import chat_template, trainer
 from minituner.hf.folder import load_pretrained
 from minituner.hf.peft import load_adapter
+from minituner.hf.tokenizer import load_tokenizer
 from minituner.recipes import instruct as train_instruct
 from minituner.runfolder import new_marker, write_marker
 
@@ -220,18 +221,24 @@ def test_a_model_with_its_own_chat_template_is_trained_and_exported_in_it(tmp_pa
     assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
 
 
-def test_a_dated_chat_template_renders_the_runs_date(tmp_path, data, capsys):
-    """Llama 3's template writes "Today Date: ..." (strftime_now): a run renders its start date,
-    or --template-date, and records it, so that a resumed run renders the same text."""
+def test_a_dated_chat_template_renders_the_runs_date(tmp_path, data, capsys, monkeypatch):
+    """Llama 3's template writes "Today Date: ..." (strftime_now): a run renders --template-date, or
+    its start, and records it, so that a resumed run renders the same text on another day."""
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
     shutil.copy(FIXTURES / "chat_templates" / "llama3-dated.jinja", base / "chat_template.jinja")
     out = tmp_path / "run"
-    assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(out), "--steps", "1",
+    monkeypatch.setattr(trainer, "StopRequest", StopAfterTwoSteps)
+    assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(out), "--steps", "4",
                                 "--batch-size", "4", "--max-len", "256", "--samples", "0", "--show-mask",
-                                "--template-date", "2024-07-26", "--no-progress"]) == 0
-    assert "Today Date: 26 Jul 2024" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["template_date"] == "2024-07-26"
+                                "--template-date", "2025-03-14", "--no-progress"]) == 130
+    assert "Today Date: 14 Mar 2025" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["template_date"] == "2025-03-14"
+    monkeypatch.undo()
+    assert train_instruct.main(["--resume", str(out), "--no-progress"]) == 0
+    assert "Today Date: 14 Mar 2025" in capsys.readouterr().out
+    today = chat_template.render(load_tokenizer(base), [{"role": "user", "content": "x"}])  # the clock again
+    assert "Today Date: 14 Mar 2025" not in today and "Today Date: " in today
     assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(tmp_path / "bad"),
                                 "--template-date", "July", "--no-progress"]) == 2
     assert "--template-date 'July' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
