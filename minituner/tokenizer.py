@@ -34,7 +34,8 @@ class Tokenizer:
     """Text <-> token ids, and the ids with special roles (bos, eos, pad, stop)."""
 
     def __init__(self, backend: Backend, *, bos_id=None, eos_id=None, pad_id=None, stop_ids=(),
-                 tokenizer_config=None, generation_config=None, chat_template_file=None, folder=None):
+                 tokenizer_config=None, generation_config=None, chat_template_file=None, named_templates=None,
+                 special_names=None, folder=None):
         self.backend = backend
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         # Generation ends on any of these: the eos and every eos id of generation_config.json.
@@ -43,8 +44,9 @@ class Tokenizer:
         self.generation_config = dict(generation_config or {})
         self.chat_template_file = chat_template_file  # text of chat_template.jinja, if the folder had one
         self.folder = folder  # the folder it was read from, for messages
-        self.named_templates = {}  # name -> text of additional_chat_templates/<name>.jinja (tool_use, ...)
-        self.special_names = None  # SPECIAL_NAMES as the folder's files state them; None: made here, named by the ids
+        self.named_templates = dict(named_templates or {})  # name -> additional_chat_templates/<name>.jinja
+        # SPECIAL_NAMES as the folder's files state them (null included); None: made here, named by its ids
+        self.special_names = special_names
         self.prefix_ids, self.suffix_ids = self._special_affixes()
 
     @cached_property

@@ -50,14 +50,12 @@ def load_tokenizer(path) -> Tokenizer:
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     named = {file.stem: file.read_text(encoding="utf-8")  # transformers 5 keeps e.g. tool_use.jinja there
              for file in sorted((folder / "additional_chat_templates").glob("*.jinja"))}
-    tokenizer = Tokenizer(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
-                          tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template,
-                          folder=str(folder))
-    tokenizer.named_templates = named
-    # the names as the files state them (null included), what transformers passes to chat templates
-    tokenizer.special_names = {name: _token_name(cfg[name]) for name in SPECIAL_NAMES
-                               for cfg in (tok_cfg if name in tok_cfg else map_cfg,) if name in cfg}
-    return tokenizer
+    # the names as the files state them (null included): what transformers passes to chat templates
+    names = {name: _token_name(cfg[name]) for name in SPECIAL_NAMES
+             for cfg in (tok_cfg if name in tok_cfg else map_cfg,) if name in cfg}
+    return Tokenizer(backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], stop_ids=stop_ids,
+                     tokenizer_config=tok_cfg, generation_config=gen_cfg, chat_template_file=template,
+                     named_templates=named, special_names=names, folder=str(folder))
 
 
 def set_chat_format(tokenizer: Tokenizer, chat_template: str | None, stop_ids: list[int]) -> None:
