@@ -238,8 +238,10 @@ def _message(item: dict) -> dict:
     if role == "assistant" and (weight not in (0, 1) or isinstance(weight, bool)):
         raise UserError(f'field "weight" should be 0 or 1, found {json.dumps(weight)}')
     # every other field (reasoning_content, name, tool_call_id, ...) goes to a model's own chat
-    # template as transformers passes it; null ones are left out, as transformers does
-    message = {**{k: v for k, v in item.items() if v is not None}, "role": role, "content": content}
+    # template as transformers passes it; null ones are left out, as transformers does ("input" and
+    # "tools" mean something else inside a conversation: see the module docstring)
+    kept = {k: v for k, v in item.items() if v is not None and k not in ("input", "tools")}
+    message = {**kept, "role": role, "content": content}
     if calls:
         message["tool_calls"] = [_in_item(f"tool_calls[{i}]", _tool_call, c) for i, c in enumerate(calls)]
     return message
