@@ -29,3 +29,72 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1].float()  # (B, T-1, V): the softmax runs in fp32 whatever the compute dtype
     targets = labels[:, 1:].to(logits.device)  # (B, T-1)
     return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ----------------------------------------------------------------------------- fused with the output layer
+# The plain path above needs the logits (tokens x vocabulary) whole: with Qwen2.5's 151,936-word
+# vocabulary, one 2,048-token row is 0.6 GB in bf16 and 1.2 GB once in float32, and as much again for
+# log_softmax's output and for the gradient. The fused path never holds more than CHUNK_ROWS rows of
+# them: per chunk of target positions it computes the logits, their log-sum-exp, the loss, and at
+# once the gradient of the loss with respect to those logits (softmax - one_hot), which it turns
+# into the gradients of the hidden states and of the output weight before the next chunk. The
+# backward pass only scales what the forward pass kept. (The same idea as Liger Kernel's fused
+# linear cross-entropy and Wijmans et al. 2024's Cut Cross-Entropy, written here in plain PyTorch.)
+CHUNK_ROWS = 1024  # target positions per chunk: (CHUNK_ROWS x V) float32 logits at a time
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), float32, for rows that all carry a
+    target (the caller drops IGNORE_INDEX rows first). hidden (N, C) and weight (V, C) in the compute
+    dtype; the logits of each chunk are upcast to float32 as in lm_loss_sum, and their gradient cast
+    back to the compute dtype before the matmuls, as autograd does on the plain path."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                grads: bool):
+        N = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # (the gradients are made only where a backward pass will ask for them: not in evaluation)
+        grad_hidden = torch.empty_like(hidden) if grads and ctx.needs_input_grad[0] else None  # (N, C)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if grads and ctx.needs_input_grad[1] else None  # (V, C), summed over chunks in float32
+        for start in range(0, N, chunk_rows):
+            h = hidden[start:start + chunk_rows]  # (n, C)
+            t = targets[start:start + chunk_rows]  # (n,)
+            logits = (h @ weight.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = torch.exp(logits.sub_(lse[:, None]))  # (n, V) softmax, in place of the logits
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_rows] = grad @ weight  # (n, C)
+            if grad_weight is not None:
+                grad_weight += (grad.T @ h).float()  # (V, C)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """lm_loss_sum(hidden @ weight.T, labels) without the logits: hidden (B, T, C), the output layer's
+    weight (V, C), labels (B, T); the shift and IGNORE_INDEX as in lm_loss_sum. Positions without a
+    target cost nothing."""
+    C = hidden.shape[-1]
+    targets = labels[:, 1:].to(hidden.device).reshape(-1)  # (B*(T-1),)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # rows that carry a target
+    rows = hidden[:, :-1].reshape(-1, C).index_select(0, keep)  # (N, C)
+    grads = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+    return LinearCrossEntropySum.apply(rows, weight, targets.index_select(0, keep), chunk_rows, grads)

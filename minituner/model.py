@@ -368,6 +368,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T), in the weights' dtype.
 
@@ -379,6 +380,8 @@ class Transformer(nn.Module):
         document_ids (B, T): packed sequences; a token attends only within its own document.
         cache: keys/values of earlier tokens; this call's are appended to it.
         last_only: compute logits for the last position only, (B, 1, V) (generation).
+        hidden_only: return the final hidden states (B, T, C), normed, before the output layer (the
+            fused loss, loss.linear_loss_sum, applies lm_head itself chunk by chunk).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -406,6 +409,8 @@ class Transformer(nn.Module):
             cache.length = S
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        if hidden_only:
+            return self.norm(x)  # (B, T, C)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from minituner.distributed import Runtime, all_reduce_sum_
 from minituner.errors import UserError
-from minituner.loss import lm_loss_sum, target_count
+from minituner.loss import linear_loss_sum, lm_loss_sum, target_count
 from minituner.optim import clip_grads_, grad_norm
 from minituner.precision import LossScaler, MasterWeights
 
@@ -38,10 +38,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: moved(v) for k, v in batch.items()}
 
 
-def forward_loss(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed fp32 loss of one batch dict (see the module docstring for its keys)."""
+def forward_loss(model, batch: dict, device: torch.device, fused: bool = True) -> torch.Tensor:
+    """Summed fp32 loss of one batch dict (see the module docstring for its keys). fused: through
+    loss.linear_loss_sum, which never holds the whole (tokens x vocabulary) logits, where the
+    output layer is a plain linear map (not one LoRA adapts); else lm_loss_sum, the reference."""
     batch = to_device(batch, device)
     optional = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    head = model.lm_head
+    if fused and type(head) is torch.nn.Linear and head.bias is None:
+        hidden = model(batch["input_ids"], hidden_only=True, **optional)  # (B, T, C)
+        return linear_loss_sum(hidden, head.weight, batch["labels"])
     logits = model(batch["input_ids"], **optional)  # (B, T, V)
     return lm_loss_sum(logits, batch["labels"])
 

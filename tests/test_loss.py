@@ -5,10 +5,15 @@ transformers' masked loss on every fixture model: tests/test_model.py.)"""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from minituner.loss import IGNORE_INDEX, lm_loss_sum, target_count
+from conftest import FIXTURES
+from minituner.hf.folder import load_pretrained
+from minituner.lora import apply_lora
+from minituner.loss import IGNORE_INDEX, linear_loss_sum, lm_loss_sum, target_count
+from minituner.step import forward_loss
 
 
 def plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -71,3 +76,70 @@ def test_an_all_ignored_batch_counts_nothing():
     labels = torch.full((2, 5), IGNORE_INDEX)
     assert target_count(labels) == 0 and lm_loss_sum(torch.randn(2, 5, 3), labels).item() == 0.0
 
+
+
+# ----------------------------------------------------------------------------- the fused loss
+def gradients(model, loss_of) -> tuple[float, dict]:
+    model.zero_grad()
+    loss = loss_of()
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def agree(plain: dict, fused: dict, tol: float) -> bool:
+    """Every gradient within tol of the plain path's, relative to the whole gradient's size (a
+    k_proj bias has a gradient of zero but for rounding: relative to itself, noise would dominate)."""
+    scale = math.sqrt(sum(g.norm() ** 2 for g in plain.values()))
+    return plain.keys() == fused.keys() and all(
+        (plain[n] - fused[n]).norm() <= tol * max(plain[n].norm(), 1e-3 * scale) for n in plain)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "gpt2-untied-tiny", "qwen2-tiny"])  # untied and tied heads
+@pytest.mark.parametrize("chunk_rows", [7, 1024])  # chunks that split sequences; one chunk for all
+def test_the_fused_loss_equals_the_plain_one_with_every_gradient(name, dtype, tol, chunk_rows):
+    """Padding at the end, a masked prompt, and a packed row (documents, positions restarting):
+    the loss and the gradient of every weight (the output layer, shared with the embedding when
+    tied) as the reference lm_loss_sum on whole logits computes them."""
+    model, _ = load_pretrained(FIXTURES / name, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 40), generator=g)
+    labels = ids.clone()
+    labels[0, :12] = IGNORE_INDEX  # a prompt
+    labels[1, 29:] = IGNORE_INDEX  # padding
+    documents = torch.tensor([0] * 15 + [1] * 25).expand(3, 40)
+    positions = torch.cat([torch.arange(15), torch.arange(25)]).expand(3, 40)
+    labels[2, 15] = IGNORE_INDEX  # a document's first token is not predicted from the one before
+    extra = {"document_ids": documents, "position_ids": positions}
+    plain = gradients(model, lambda: lm_loss_sum(model(ids, **extra), labels))
+    fused = gradients(model, lambda: linear_loss_sum(model(ids, hidden_only=True, **extra), model.lm_head.weight,
+                                                     labels, chunk_rows=chunk_rows))
+    assert math.isclose(plain[0], fused[0], rel_tol=tol / 10)
+    assert agree(plain[1], fused[1], tol)
+
+
+def test_forward_loss_fuses_unless_lora_adapts_the_output_layer():
+    """forward_loss takes the fused path where lm_head is a plain linear map, the plain one where
+    LoRA adapts it, and evaluation (no grad) makes no gradients either way."""
+    model, _ = load_pretrained(FIXTURES / "llama-tiny")
+    batch = {"input_ids": torch.randint(3, 300, (2, 16)), "labels": torch.randint(3, 300, (2, 16))}
+    fused = forward_loss(model, batch, torch.device("cpu"))
+    plain = forward_loss(model, batch, torch.device("cpu"), fused=False)
+    assert fused.grad_fn.name().endswith("LinearCrossEntropySumBackward") and math.isclose(fused.item(), plain.item(), rel_tol=1e-6)
+    with torch.no_grad():
+        assert math.isclose(forward_loss(model, batch, torch.device("cpu")).item(), plain.item(), rel_tol=1e-6)
+    apply_lora(model, targets=("q_proj", "lm_head"))
+    assert forward_loss(model, batch, torch.device("cpu")).grad_fn.name().startswith("NllLoss")
+
+
+def test_the_fused_loss_keeps_no_logits_for_the_backward_pass():
+    """What it keeps for the backward pass is the gradients of the hidden rows and of the weight,
+    never a (tokens x vocabulary) block as the plain path's log_softmax does."""
+    V, C, N = 4096, 32, 600
+    hidden = torch.randn(1, N + 1, C, requires_grad=True)
+    weight = torch.randn(V, C, requires_grad=True)
+    labels = torch.randint(0, V, (1, N + 1))
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        linear_loss_sum(hidden, weight, labels, chunk_rows=64).backward()
+    assert sizes and max(sizes) <= max(N * C, V * C) < N * V
