@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FIXTURES
+from minituner import step
 from minituner.hf.folder import load_pretrained
 from minituner.lora import apply_lora
 from minituner.loss import IGNORE_INDEX, linear_loss_sum, lm_loss_sum, target_count
@@ -118,18 +119,22 @@ def test_the_fused_loss_equals_the_plain_one_with_every_gradient(name, dtype, to
     assert agree(plain[1], fused[1], tol)
 
 
-def test_forward_loss_fuses_unless_lora_adapts_the_output_layer():
-    """forward_loss takes the fused path where lm_head is a plain linear map, the plain one where
-    LoRA adapts it, and evaluation (no grad) makes no gradients either way."""
-    model, _ = load_pretrained(FIXTURES / "llama-tiny")
+def test_forward_loss_fuses_for_large_vocabularies_unless_lora_adapts_the_output_layer(monkeypatch):
+    """forward_loss takes the fused path from FUSED_MIN_VOCAB words on where lm_head is a plain
+    linear map, the plain one where LoRA adapts it; evaluation (no grad) makes no gradients."""
+    model, _ = load_pretrained(FIXTURES / "llama-tiny")  # 384 words
     batch = {"input_ids": torch.randint(3, 300, (2, 16)), "labels": torch.randint(3, 300, (2, 16))}
-    fused = forward_loss(model, batch, torch.device("cpu"))
-    plain = forward_loss(model, batch, torch.device("cpu"), fused=False)
-    assert fused.grad_fn.name().endswith("LinearCrossEntropySumBackward") and math.isclose(fused.item(), plain.item(), rel_tol=1e-6)
+    cpu = torch.device("cpu")
+    plain = forward_loss(model, batch, cpu)
+    assert plain.grad_fn.name().startswith("NllLoss")  # a small vocabulary: whole logits are cheap
+    monkeypatch.setattr(step, "FUSED_MIN_VOCAB", 384)
+    fused = forward_loss(model, batch, cpu)
+    assert fused.grad_fn.name().endswith("LinearCrossEntropySumBackward")
+    assert math.isclose(fused.item(), plain.item(), rel_tol=1e-6)
     with torch.no_grad():
-        assert math.isclose(forward_loss(model, batch, torch.device("cpu")).item(), plain.item(), rel_tol=1e-6)
+        assert math.isclose(forward_loss(model, batch, cpu).item(), plain.item(), rel_tol=1e-6)
     apply_lora(model, targets=("q_proj", "lm_head"))
-    assert forward_loss(model, batch, torch.device("cpu")).grad_fn.name().startswith("NllLoss")
+    assert forward_loss(model, batch, cpu).grad_fn.name().startswith("NllLoss")
 
 
 def test_the_fused_loss_keeps_no_logits_for_the_backward_pass():
