@@ -177,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeze", default="", help="with --train: comma-separated name fragments of parameters to "
                                                 "freeze, e.g. 'layers.' (frozen weights get no master, no state)")
     # LoRA
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="with --train: recompute each block in the backward pass instead of keeping its activations")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="adapt the usual targets (q/k/v/o, gate/up/down) with LoRA of this rank before measuring, "
                         "base frozen and adapters unmerged (0 = no LoRA)")
@@ -228,6 +230,7 @@ def run(argv=None) -> int:
                         f"{model.config.max_seq_len} positions")
     if args.lora_rank != 0:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # checks them; freezes all but the adapters
+    model.activation_checkpointing = args.activation_checkpointing
     reset_peak_memory(device)
     if args.train:
         policy = next(name for name, d in POLICIES.items() if d == dtype)

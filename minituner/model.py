@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from minituner.config import ModelConfig
 
@@ -335,6 +336,10 @@ class Transformer(nn.Module):
         if config.positions == "rope":
             # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
             self.inv_freq, self.rope_scale = rope_frequencies(config)  # (D/2,) float32
+        # Activation checkpointing: in training, keep only each block's input and recompute the block
+        # in the backward pass (memory of one block's activations instead of all of them, for about a
+        # third more compute). The recomputation is the same computation: the gradients do not change.
+        self.activation_checkpointing = False
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -403,8 +408,12 @@ class Transformer(nn.Module):
         full = (additive_mask(full[0], x.dtype), full[1])
         local = full if window is None else (additive_mask(local[0], x.dtype), local[1])
         masks = (full, local)  # indexed by Attention.uses_window; every layer shares these tensors
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
-            x = block(x, cos_sin, masks, cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos_sin, masks, cache, use_reentrant=False)
+            else:
+                x = block(x, cos_sin, masks, cache)
         if cache is not None:
             cache.length = S
         if last_only:

@@ -44,12 +44,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 FUSED_MIN_VOCAB = 8192
 
 
-def forward_loss(model, batch: dict, device: torch.device, fused: bool | None = None) -> torch.Tensor:
-    """Summed fp32 loss of one batch dict (see the module docstring for its keys). fused: through
-    loss.linear_loss_sum, which never holds the whole (tokens x vocabulary) logits, possible where
-    the output layer is a plain linear map (not one LoRA adapts); else lm_loss_sum. None: fused
-    from FUSED_MIN_VOCAB words on."""
-    batch = to_device(batch, device)
+def forward_loss(model, batch: dict, device: torch.device | None = None, fused: bool | None = None) -> torch.Tensor:
+    """Summed fp32 loss of one batch dict (see the module docstring for its keys; the shift inside,
+    as in loss.py), on `device` (default: the model's). fused: through loss.linear_loss_sum, which
+    never holds the whole (tokens x vocabulary) logits, possible where the output layer is a plain
+    linear map (not one LoRA adapts); else lm_loss_sum. None: fused from FUSED_MIN_VOCAB words on."""
+    batch = to_device(batch, device or next(model.parameters()).device)
     optional = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
     head = model.lm_head
     if fused is None:

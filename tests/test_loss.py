@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minituner
 from conftest import FIXTURES
 from minituner import step
 from minituner.hf.folder import load_pretrained
@@ -148,3 +149,10 @@ def test_the_fused_loss_keeps_no_logits_for_the_backward_pass():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
         linear_loss_sum(hidden, weight, labels, chunk_rows=64).backward()
     assert sizes and max(sizes) <= max(N * C, V * C) < N * V
+
+
+def test_forward_loss_is_public_and_takes_the_models_device():
+    model, _ = load_pretrained(FIXTURES / "gpt2-tiny")
+    batch = {"input_ids": torch.randint(3, 300, (2, 16)), "labels": torch.randint(3, 300, (2, 16))}
+    loss = minituner.forward_loss(model, batch)
+    assert loss.dtype == torch.float32 and torch.equal(loss, lm_loss_sum(model(batch["input_ids"]), batch["labels"]))

@@ -255,3 +255,38 @@ def test_the_cudnn_attention_backend_is_turned_off_once_unless_asked_for(monkeyp
     monkeypatch.setattr(model_module, "CUDNN_ATTENTION", True)
     model_module._guard_cudnn_attention()
     assert seen == [False]
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "mistral-tiny"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_activation_checkpointing_recomputes_the_same_gradients(name, lora, monkeypatch):
+    """Blocks recomputed in the backward pass (packed documents, so masks and positions travel into
+    the recomputation too) give the same loss and gradients, to the bit; without gradients
+    (generation, evaluation) nothing is recomputed."""
+    from minituner.lora import apply_lora
+    model, _ = load_pretrained(FIXTURES / name)
+    if lora:
+        apply_lora(model, targets=("c_attn",) if name.startswith("gpt2") else ("q_proj", "v_proj"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (2, 24), generator=g)
+    documents = torch.tensor([0] * 10 + [1] * 14).expand(2, 24)
+
+    def run():
+        model.zero_grad()
+        loss = lm_loss_sum(model(ids, document_ids=documents), ids)
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = run()
+    model.activation_checkpointing = True
+    original, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    recomputed_loss, recomputed = run()
+    assert len(calls) == model.config.n_layers  # every block was checkpointed
+    assert torch.equal(plain_loss, recomputed_loss) and plain.keys() == recomputed.keys()
+    assert all(torch.equal(plain[n], recomputed[n]) for n in plain)
+    def refuse(*args, **kwargs):
+        raise AssertionError("checkpointed without gradients")
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", refuse)
+    with torch.no_grad():
+        model(ids)

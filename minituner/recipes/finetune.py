@@ -147,6 +147,7 @@ def run(argv=None) -> int:
         torch.manual_seed(args.seed)  # their initialisation follows --seed
         apply_lora(model, **lora)
     say(trainable_report(model))
+    model.activation_checkpointing = args.activation_checkpointing
 
     # Token blocks (every token a target), validation and general-text sets
     blocks = partial(build_blocks, tokenizer=tokenizer, max_len=max_len, layout=args.layout, isolate=args.isolate_docs)

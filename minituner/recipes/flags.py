@@ -22,7 +22,8 @@ from minituner.precision import POLICIES, auto_dtype
 from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
-MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress")  # may differ when a run resumes
+# may differ when a run resumes (activation checkpointing recomputes the same values: it trades time for memory)
+MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing")
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # Library option names whose flag is not simply --the-name (errors.OptionError.as_flag).
 FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets",
@@ -73,6 +74,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", *POLICIES], default="auto",
                    help="compute dtype; weights and optimizer stay fp32 (auto = bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun picks each process's GPU)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the block in the backward pass: less memory for "
+                        "activations, about a third more compute, the same gradients")
     g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
                    help="under torchrun: how long a rank waits in a collective for the others (rank 0 works alone "
                         "while generating samples, scoring and writing checkpoints) before the run aborts")

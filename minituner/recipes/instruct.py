@@ -117,6 +117,7 @@ def run(argv=None) -> int:
         torch.manual_seed(args.seed)  # their initialisation follows --seed
         apply_lora(model, **lora)
     say(trainable_report(model))
+    model.activation_checkpointing = args.activation_checkpointing
 
     # Data: conversations -> (validation split) -> token ids with the loss mask -> (packing)
     read = partial(read_conversations, format=args.format, skip_bad=args.skip_bad)

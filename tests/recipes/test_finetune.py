@@ -185,3 +185,12 @@ def test_no_validation_document_to_hold_out_is_said(tmp_path, capsys):
     assert run(tmp_path / "run", "--base", BASE, "--data", write_docs(tmp_path / "one.txt", ["only one " * 20]),
                "--steps", "1", "--batch-size", "1") == 0
     assert "--val-fraction 0.05 holds out nothing from 1 documents" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_trains_the_same_weights(tmp_path, domain):
+    """--activation-checkpointing recomputes blocks in the backward pass: the same run, the same
+    weights to the bit (so a run may resume with or without it)."""
+    for name, flags in (("plain", []), ("recomputed", ["--activation-checkpointing"])):
+        assert run(tmp_path / name, "--base", BASE, "--data", domain, "--steps", "2", "--samples", "0", *flags) == 0
+    plain, recomputed = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("plain", "recomputed"))
+    assert plain.keys() == recomputed.keys() and all(torch.equal(plain[k], recomputed[k]) for k in plain)
