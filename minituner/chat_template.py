@@ -48,6 +48,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minituner.errors import UserError
+from minituner.formats import trains
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -278,7 +279,7 @@ def trained_text(tokenizer, conversation: list[dict]) -> Rendering:
     end_token = _end_of_turn(tokenizer, tools)
     dropped = len(conversation) - len(messages)  # a leading system message that carried only tools
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or conversation[i + dropped].get("weight", 1) == 0:  # as templates.trains
+        if not trains(conversation[i + dropped]):
             continue
         prompt = render(tokenizer, messages[:i], tools=tools, add_generation_prompt=True)
         through = render(tokenizer, messages[:i + 1], tools=tools) if i < len(messages) - 1 else full

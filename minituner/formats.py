@@ -313,6 +313,11 @@ def _tool_list(record: dict) -> list:
     return tools or []
 
 
+def trains(message: dict) -> bool:
+    """Whether a message is trained: an assistant's, unless marked "weight": 0 (context only)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
 def _checked(key: str, messages: list[dict]) -> list[dict]:
     """`messages` (read from record[key]) if they make a training conversation; else a UserError."""
     for i, message in enumerate(messages):
@@ -320,7 +325,7 @@ def _checked(key: str, messages: list[dict]) -> list[dict]:
             raise UserError(f"{key}[{i}]: a system message may only come first")
         if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise UserError(f"{key}[{i}]: the assistant's content is empty")
-    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+    if not any(trains(m) for m in messages):
         raise UserError('every assistant message has "weight": 0; a training conversation needs one to train')
     if messages[-1]["role"] != "assistant":
         raise UserError(f'the last message is from "{messages[-1]["role"]}"; a training conversation '

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 from minituner.chat_template import compile_template, end_of_turn_ids, template_source, template_text
 from minituner.errors import UserError
+from minituner.formats import trains
 
 CONTENT, MARKUP, EOS = "content", "markup", "eos"
 TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "plain")  # minituner's own renderers
@@ -107,11 +108,6 @@ def _decoded(arguments):
         return json.loads(arguments) if isinstance(arguments, str) else arguments
     except json.JSONDecodeError:
         return arguments
-
-
-def trains(message: dict) -> bool:
-    """Whether a message is trained: an assistant's, unless marked "weight": 0 (context only)."""
-    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
 def describe_tools(system: str, tools: list) -> str:
