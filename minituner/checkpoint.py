@@ -9,6 +9,11 @@
     RUN/checkpoints/best-000100/     trainable.safetensors + state.json of the best evaluation
                                      so far (kept only with early stopping on)
 
+The checkpoint a run writes as it ends (its last step, or where early stopping ended it) holds
+only trainable.safetensors and state.json: nothing will train from it again, and the optimizer
+state it would carry is twice the weights (two AdamW moments per trainable float32). Resuming
+such a run re-exports it; the periodic checkpoints before it keep the full state.
+
 Frozen weights are not stored: they are the base model's, which the run config names. Every
 checkpoint is written into a temporary folder that is renamed into place only when complete
 (minituner/atomic.py), and a newer checkpoint is complete before an older one is deleted, so a
@@ -181,17 +186,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- a run's checkpoints
-def save_run(run_dir: Path, state: dict, masters, optimizer, scaler, runtime: Runtime, *, keep: int) -> None:
+def save_run(run_dir: Path, state: dict, masters, optimizer, scaler, runtime: Runtime, *, keep: int,
+             final: bool = False) -> None:
     """A resumable checkpoint of the step just finished, the run's `state` (trainer.RunState as a
     dict) with the masters, the optimizer and the loss scaler; every rank contributes its RNG
-    state. Only the newest `keep` are kept."""
-    rngs = all_gather_object(rng_state(runtime.device), runtime)
+    state. Only the newest `keep` are kept. final: the run ends at this step, so the optimizer
+    and RNG states, which only further steps would need, are left out."""
+    rngs = None if final else all_gather_object(rng_state(runtime.device), runtime)
     if runtime.is_main:
         step, t = state["step"], state["trajectory"]  # the data position follows from the step; written for readers
         position = {"epoch": step // (t["examples"] // t["global_batch"]), "examples_seen": step * t["global_batch"]}
         write_checkpoint(checkpoint_path(run_dir, step), run_dir, weights=masters.state_dict(),
                          state={**state, "scaler": scaler.state_dict(), "data_position": position},
-                         optimizer=optimizer.state_dict(), rng=rngs)
+                         optimizer=None if final else optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
         prune_bests(run_dir, keep={state["best_step"]})
 
@@ -220,10 +227,14 @@ def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runt
             raise UserError(f"{path}: the run was started with {key} = {started[key]}, this one has {value}; "
                             "resume with the run's own options (its config.json), or the steps would not continue it")
     masters.load_state_dict(ckpt["weights"], source=str(path))
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
+    ended = saved["step"] >= trajectory.get("total_steps", saved["step"] + 1) or saved.get("status") == "early_stopped"
+    if ckpt["optimizer"] is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
+    elif not ended:  # (a run's final checkpoint has none: no step follows it)
+        raise UserError(f"{path}: has no optimizer state (optimizer.pt), so training cannot continue from it")
     scaler.load_state_dict(saved["scaler"])
     if runtime.is_main:
         for unreadable, reason in skipped:

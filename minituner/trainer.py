@@ -213,8 +213,9 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
             bar.set_postfix(_postfix(record, run), refresh=False)
             if _agreed(stop.requested, runtime) and run.status == "running":
                 run.status = "interrupted"
-            if run.step == total_steps or (o.save_every and run.step % o.save_every == 0) or run.status != "running":
-                save_run(run_dir, asdict(run), masters, optimizer, scaler, runtime, keep=o.keep_checkpoints)
+            ends = run.step == total_steps or run.status == "early_stopped"  # (not "interrupted": it goes on later)
+            if ends or (o.save_every and run.step % o.save_every == 0) or run.status != "running":
+                save_run(run_dir, asdict(run), masters, optimizer, scaler, runtime, keep=o.keep_checkpoints, final=ends)
     bar.close()
     synchronize(runtime.device)  # the last update has reached the weights before they are timed or read
     summary = _finish(model, run, masters, extra_evals, collate, o, run_dir, runtime, metrics, session, total_steps,

@@ -139,6 +139,29 @@ def _weight_files(folder: Path) -> tuple[list[Path], Path]:
     return files, index_file
 
 
+def stored_dtype(folder) -> torch.dtype:
+    """The dtype a model folder keeps its weights in: its config.json's `dtype` (transformers 5) or
+    `torch_dtype`, else that of its first floating-point tensor; float32 if neither says."""
+    folder = Path(folder)
+    hf = read_json(folder / "config.json") or {}
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(torch, str(hf.get(key)), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    try:
+        with safe_open(_weight_files(folder)[0][0], framework="pt", device="cpu") as f:
+            for name in f.keys():
+                value = getattr(torch, _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype(), ""), None)
+                if isinstance(value, torch.dtype) and value.is_floating_point:
+                    return value
+    except (UserError, SafetensorError, OSError):
+        pass
+    return torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
 # ----------------------------------------------------------------------------- saving
 def save_pretrained(model: Transformer, tokenizer: Tokenizer, path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write `model` and `tokenizer` as a Hugging Face folder at `path`, atomically.

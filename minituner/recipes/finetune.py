@@ -43,8 +43,8 @@ from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
-                                     lora_options, read_with_validation, resolve_resume, run_config, settle,
-                                     train_options)
+                                     lora_options, read_with_validation, resolve_resume, run_config, save_dtype,
+                                     settle, train_options)
 from minituner.recipes.report import print_outcome, print_table, real_token_share
 from minituner.runfolder import release_all
 from minituner.tokenizer import Tokenizer
@@ -191,15 +191,18 @@ def run(argv=None) -> int:
             summary["cloze"] = {"n": cloze_before["n"], "before": cloze_before["accuracy"],
                                 "after": cloze_accuracy(model, tokenizer, cloze)["accuracy"]}
             write_json(Path(args.out) / "summary.json", summary)
-        del model  # the export rebuilds the model in float32 on the CPU and loads the checkpoint's weights
-        fresh = (load_pretrained(args.base, device="cpu", dtype=torch.float32)[0] if args.init == "base"
-                 else scratch_model(args, tokenizer, max_len))
-        freeze(fresh, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
-        if lora:
-            apply_lora(fresh, **lora)
-        base_name = str(Path(args.base).resolve()) if args.base else None
-        written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None, base_name=base_name)
-        print_outcome(summary, samples, written)
+        written = []
+        if args.export != "none":
+            del model  # the export rebuilds the model in float32 on the CPU and loads the checkpoint's weights
+            fresh = (load_pretrained(args.base, device="cpu", dtype=torch.float32)[0] if args.init == "base"
+                     else scratch_model(args, tokenizer, max_len))
+            freeze(fresh, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
+            if lora:
+                apply_lora(fresh, **lora)
+            base_name = str(Path(args.base).resolve()) if args.base else None
+            written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None, base_name=base_name,
+                                 export=args.export, dtype=save_dtype(args))
+        print_outcome(summary, samples, written, args.out)
         print_table("before and after", outcome_rows(summary))
     shutdown(runtime)
     return 0

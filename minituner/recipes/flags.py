@@ -16,14 +16,16 @@ from minituner.checkpoint import latest_checkpoint
 from minituner.datafile import check_fraction
 from minituner.distributed import DIST_TIMEOUT_MINUTES, Runtime
 from minituner.errors import UserError
-from minituner.hf.folder import read_config
+from minituner.hf.folder import read_config, stored_dtype
 from minituner.lora import ALPHA, DEFAULT_TARGETS, DROPOUT, RANK, check_lora
 from minituner.precision import POLICIES, auto_dtype
+from minituner.recipes.export import EXPORTS, SAVE_DTYPES, export_folders
 from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
-# may differ when a run resumes (activation checkpointing recomputes the same values: it trades time for memory)
-MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing")
+# may differ when a run resumes: the machine's flags (activation checkpointing recomputes the same values: it
+# trades time for memory), and what a finished run exports (`--resume RUN --export merged` adds RUN/model/)
+MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing", "export", "save_dtype")
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # Library option names whose flag is not simply --the-name (errors.OptionError.as_flag).
 FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets",
@@ -84,6 +86,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="run folder (default runs/<script>-<date>-<time>)")
     g.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run in DIR from its newest checkpoint, with the options it was started with")
+    g.add_argument("--export", choices=EXPORTS, default=None,
+                   help="what a finished run writes: merged (RUN/model/, a LoRA merged into the base), adapter "
+                        "(RUN/adapter/, LoRA only), both (the LoRA default; full fine-tuning: merged) or none")
+    g.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="auto",
+                   help="dtype of RUN/model/'s weights (auto = the base folder's, e.g. bfloat16; float32 from scratch)")
     g.add_argument("--samples", type=int, default=3, help="held-out prompts to generate from before and after")
     g.add_argument("--max-new-tokens", type=int, default=64, help="length of those generations")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay in metrics.jsonl)")
@@ -145,6 +152,8 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float) ->
         check_row_length(args.max_len)
     if args.method == "lora":
         check_lora(args.lora_rank, args.lora_alpha, args.lora_dropout)
+    args.export = args.export or ("both" if args.method == "lora" else "merged")
+    export_folders(args.export, lora=args.method == "lora")  # an adapter of a full fine-tune is said now
     if args.samples < 0 or args.max_new_tokens < 1 or args.eval_limit < 0:
         raise UserError("--samples and --eval-limit must be >= 0, --max-new-tokens >= 1")
     for flag in PATH_FLAGS:  # absolute, so that config.json (and --resume) work from any folder
@@ -172,7 +181,7 @@ def claim_run_folder(args: argparse.Namespace, runtime: Runtime, script: str) ->
     """The run folder becomes this run's (see runfolder.start_run_folder) where the run first writes
     into it, after the checks that need the model and the data: a mistake found before leaves no
     folder behind. Calling it again is a no-op."""
-    exports = ("model", "adapter") if args.method == "lora" else ("model",)
+    exports = export_folders(args.export, lora=args.method == "lora")
     start_run_folder(args.out, resume=args.resume is not None, script=script, exports=exports, runtime=runtime)
 
 
@@ -244,6 +253,12 @@ def lora_options(args: argparse.Namespace) -> dict:
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     return {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "dropout": args.lora_dropout,
             "rslora": args.rslora}
+
+
+def save_dtype(args: argparse.Namespace) -> torch.dtype:
+    """RUN/model/'s dtype: --save-dtype, or (auto) the one the base folder stores, float32 from scratch."""
+    chosen = SAVE_DTYPES[args.save_dtype]
+    return chosen or (stored_dtype(args.base) if getattr(args, "base", None) else torch.float32)
 
 
 def resolve_precision(name: str, device) -> str:

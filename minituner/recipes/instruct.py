@@ -40,8 +40,8 @@ from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
-                                     lora_options, read_with_validation, resolve_resume, run_config, settle,
-                                     train_options)
+                                     lora_options, read_with_validation, resolve_resume, run_config, save_dtype,
+                                     settle, train_options)
 from minituner.recipes.report import print_outcome, print_table, real_token_share
 from minituner.runfolder import release_all
 from minituner.sft import build_examples, n_prefix, prompt_ids, show_mask
@@ -175,13 +175,15 @@ def run(argv=None) -> int:
         # model's own template, unchanged, when that was used), and generation stops on its end-of-turn token
         trained_format = None if template == MODEL else chat_template(template, bos=bool(tokenizer.prefix_ids))
         set_chat_format(tokenizer, trained_format, stops)
-        del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
-        fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
-        if lora:
-            apply_lora(fresh, **lora)  # its initial values are replaced by the trained ones
-        written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
-                             base_name=str(Path(args.base).resolve()))
-        print_outcome(summary, samples, written)
+        written = []
+        if args.export != "none":
+            del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
+            fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
+            if lora:
+                apply_lora(fresh, **lora)  # its initial values are replaced by the trained ones
+            written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
+                                 base_name=str(Path(args.base).resolve()), export=args.export, dtype=save_dtype(args))
+        print_outcome(summary, samples, written, args.out)
         if scores_before:
             print_table("held-out exact match", [(f"{name} ({s['n']})", f"{s['before']:.1%}", f"{s['after']:.1%}")
                                                  for name, s in summary["exact_match"].items()])

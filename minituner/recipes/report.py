@@ -25,8 +25,9 @@ def real_token_share(train_set: list, options: TrainOptions, world_size: int) ->
     return real_token_fraction(lengths, batches)
 
 
-def print_outcome(summary: dict, samples: list[dict], written) -> None:
-    """A finished run on stdout: losses and perplexities before and after, cost, samples, folders."""
+def print_outcome(summary: dict, samples: list[dict], written, run_dir) -> None:
+    """A finished run on stdout: losses and perplexities before and after, cost, samples, and the
+    folders written, as (path, bytes, seconds)."""
     print(f"\n{summary['status']} after {summary['steps']} steps; train loss {summary['train_loss']:.4f}")
     if summary["eval_loss"] is not None and summary.get("first_eval_loss") is not None:
         print(f"validation loss {summary['first_eval_loss']:.4f} -> {summary['eval_loss']:.4f} "
@@ -44,7 +45,12 @@ def print_outcome(summary: dict, samples: list[dict], written) -> None:
           f"{speed}peak memory {summary['peak_memory_mib']:,.0f} MiB{reserved}")
     for s in samples:
         print(f"\n--- prompt\n{s['prompt']}\n--- before\n{s['before']}\n--- after\n{s['after']}")
-    print("\nwritten: " + ", ".join(str(p) for p in written))
+    if written:
+        print("\nwritten: " + ", ".join(f"{path} ({size / 1e6:,.1f} MB in {seconds:.1f} s)"
+                                        for path, size, seconds in written))
+    else:
+        print(f"\nnothing exported (--export none): the trained weights are in {run_dir}/checkpoints; "
+              f"--resume {run_dir} --export merged (or adapter, both) writes them out")
 
 
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
