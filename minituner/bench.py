@@ -31,16 +31,17 @@ from minituner.errors import UserError, run_command
 from minituner.generate import generate, resolve_dtype
 from minituner.hf.folder import load_pretrained
 from minituner.lora import ALPHA, apply_lora
-from minituner.loss import IGNORE_INDEX
+from minituner.loss import IGNORE_INDEX, linear_loss_sum, lm_loss_sum
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
 from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
-from minituner.step import train_step
+from minituner.step import fused_loss, train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
 PRESETS = {  # a size preset's shape with its model's vocabulary and context (tiny: the test models', tests/fixtures)
     "smollm-135m": dict(vocab_size=49152, max_seq_len=2048),
     "tiny": dict(vocab_size=384, max_seq_len=256),
+    "d256": dict(vocab_size=4096, max_seq_len=512, tie_embeddings=False),  # ../shared/bench's side-by-side model
     "qwen2.5-0.5b": dict(vocab_size=151936, max_seq_len=32768),  # Qwen2.5-0.5B's shape: 494 M parameters
 }
 
@@ -127,6 +128,8 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
                    runtime=runtime)
         synchronize(device)
         best = min(best, time.perf_counter() - start)
+    memory = memory_report(device)  # the steps' peak, before the loss is timed alone
+    loss_s = time_loss(model, batch, repeats)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(m.numel() for m in masters.masters)
     tokens_per_s = batch_size * seq_len / best
@@ -134,10 +137,34 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
     return {
         "params_m": round(n_params / 1e6, 2), "trainable_m": round(n_trained / 1e6, 2),
         "batch_size": batch_size, "seq_len": seq_len, "step_s": round(best, 4),
-        "train_tokens_per_s": round(tokens_per_s, 1),
+        "train_tokens_per_s": round(tokens_per_s, 1), "loss_share": round(loss_s / best, 3),
         "mfu": round(flops_per_token(model, seq_len) * tokens_per_s / (peak * 1e12), 4) if peak else None,
-        **memory_report(device),
+        **memory,
     }
+
+
+def time_loss(model: Transformer, batch: dict, repeats: int) -> float:
+    """Best-of-`repeats` seconds of the loss alone, forward and backward, as a training step runs it:
+    the output layer and the cross-entropy on the final hidden states (held fixed), fused or not
+    as step.forward_loss decides, gradients of the hidden states and of a trained output weight."""
+    device = model.embed_tokens.weight.device
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    with torch.no_grad():
+        hidden = model(ids, hidden_only=True)
+    hidden.requires_grad_(True)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        if fused_loss(model):
+            loss = linear_loss_sum(hidden, model.lm_head.weight, labels)
+        else:
+            loss = lm_loss_sum(model.lm_head(hidden), labels)
+        loss.backward()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return best
 
 
 def memory_report(device: torch.device) -> dict:

@@ -73,6 +73,7 @@ class ModelConfig:
 # embedding (which adds vocab_size x dim).
 SIZE_PRESETS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176),  # 0.09 M
+    "d256": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=688),  # 4.4 M, ../shared/bench's Llama
     "small": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512),  # 1.6 M
     "medium": dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024),  # 12.6 M
     "smollm-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536),  # 106 M, SmolLM-135M's shape
@@ -86,7 +87,7 @@ def preset_config(name: str, *, vocab_size: int, max_seq_len: int, **overrides) 
         raise UserError(f"size preset {name!r} is not one of {', '.join(SIZE_PRESETS)}")
     fields = {**SIZE_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, tie_embeddings=True, **fields)
+        return ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, **{"tie_embeddings": True, **fields})
     except ValueError as e:  # ModelConfig names the field (dim, n_heads, ...)
         raise UserError(f"model shape (preset {name}, with the overrides given): {e}") from None
 

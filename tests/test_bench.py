@@ -27,6 +27,7 @@ def test_bench_measures_training_steps(capsys):
     assert result["dtype"] == "bfloat16" and result["trainable_m"] == result["params_m"]
     assert result["train_tokens_per_s"] > 0 and result["peak_memory_mib"] > 0
     assert result["mfu"] is None  # only computed against a GPU's known peak
+    assert 0 < result["loss_share"] < 1  # the output layer and cross-entropy, timed alone, against the step
     assert main(["--train", "--preset", "tiny", "--freeze", "layers.", "--prompt-len", "32", "--repeats", "1",
                  "--json"]) == 0
     frozen = json.loads(capsys.readouterr().out)
