@@ -157,6 +157,13 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------- training
     @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """The tokenizer of a Hugging Face model folder: minituner.hf.tokenizer.load_tokenizer(path),
+        kept under this name for the scripts written against it (../shared/bench's mask check)."""
+        from minituner.hf.tokenizer import load_tokenizer  # (hf/ builds on this module: imported when called)
+        return load_tokenizer(path)
+
+    @classmethod
     def train_bpe(cls, texts, vocab_size: int, special_tokens=SCRATCH_SPECIAL_TOKENS, min_frequency: int = 2,
                   max_len: int | None = None) -> "Tokenizer":
         """Train a byte-level BPE (GPT-2's scheme: every byte is a base token, so no text is ever

@@ -44,3 +44,9 @@ def test_trained_bpe_is_lossless_and_reloads(tmp_path, shakespeare):
 def test_too_small_bpe_vocabulary_is_refused():
     with pytest.raises(UserError, match="vocab size 100 is too small: a byte-level BPE needs at least 259"):
         Tokenizer.train_bpe(["abc"], vocab_size=100)
+
+
+def test_from_dir_reads_a_model_folders_tokenizer_as_load_tokenizer_does():
+    folder = FIXTURES / "llama-tiny"
+    text = "Hello <|im_start|>world"
+    assert Tokenizer.from_dir(folder).encode(text) == load_tokenizer(folder).encode(text)

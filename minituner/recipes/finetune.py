@@ -118,7 +118,7 @@ def run(argv=None) -> int:
     args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
     if args.builtin:
         args.base = str(builtin.check_base_model())
-    settle(args, runtime.device, default_lr=DEFAULT_LR["scratch" if args.init == "scratch" else args.method])
+    settle(args, runtime.device, default_lr=DEFAULT_LR["scratch" if args.init == "scratch" else args.method], say=say)
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None
     if args.freeze_layers < 0:

@@ -18,7 +18,7 @@ from minituner.distributed import DIST_TIMEOUT_MINUTES, Runtime
 from minituner.errors import UserError
 from minituner.hf.folder import read_config, stored_dtype
 from minituner.lora import ALPHA, DEFAULT_TARGETS, DROPOUT, RANK, check_lora
-from minituner.precision import POLICIES, auto_dtype
+from minituner.precision import POLICIES, auto_dtype, slow_cpu_bf16
 from minituner.recipes.export import EXPORTS, SAVE_DTYPES, export_folders
 from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
@@ -139,11 +139,14 @@ def run_config(args: argparse.Namespace, script: str) -> dict:
     return {"script": script, **{k: v for k, v in vars(args).items() if k != "resume"}}
 
 
-def settle(args: argparse.Namespace, device: torch.device, default_lr: float) -> None:
+def settle(args: argparse.Namespace, device: torch.device, default_lr: float, say=print) -> None:
     """Fill in the options whose default depends on the device or the method, so that
     config.json records what ran and a resumed run (maybe elsewhere) runs the same; and check,
     before any work, what would otherwise fail only after the model and data are loaded."""
     args.precision = resolve_precision(args.precision, device)
+    if args.precision == "bf16" and slow_cpu_bf16(device):
+        say("note: this CPU has no bfloat16 matmul instructions (AVX-512 BF16 or AMX), so bf16 is emulated and "
+            "runs many times slower than fp32 here; --precision fp32 is the fast choice on it")
     if args.lr is None:
         args.lr = default_lr
     check_early_stopping(args.patience, args.eval_every, has_validation=args.val_fraction > 0 or bool(args.val_data))

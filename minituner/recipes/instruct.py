@@ -97,7 +97,7 @@ def run(argv=None) -> int:
     args.out, args.template_date = all_gather_object((args.out, args.template_date or now), runtime)[0]
     if args.builtin:
         args.base = str(builtin.check_base_model())
-    settle(args, runtime.device, default_lr=DEFAULT_LR[args.method])
+    settle(args, runtime.device, default_lr=DEFAULT_LR[args.method], say=say)
     fix_clock(template_date(args))
     options = train_options(args)
     lora = lora_options(args) if args.method == "lora" else None

@@ -242,3 +242,13 @@ def test_a_dated_chat_template_renders_the_runs_date(tmp_path, data, capsys, mon
     assert train_instruct.main(["--base", str(base), "--data", data, "--out", str(tmp_path / "bad"),
                                 "--template-date", "July", "--no-progress"]) == 2
     assert "--template-date 'July' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
+
+
+def test_bf16_on_a_cpu_that_only_emulates_it_is_said(tmp_path, data, capsys, monkeypatch):
+    from minituner.recipes import flags
+    for slow in (True, False):
+        monkeypatch.setattr(flags, "slow_cpu_bf16", lambda device, slow=slow: slow)
+        assert run(tmp_path / f"run-{slow}", data, "--steps", "1", "--samples", "0", "--precision", "bf16",
+                   "--export", "none") == 0
+        said = "note: this CPU has no bfloat16 matmul instructions" in capsys.readouterr().out
+        assert said == slow
