@@ -14,6 +14,10 @@ IGNORE_INDEX where a token is not trained; the input/target shift happens in the
 Padding goes on the right and is never attended to by a real token (attention is causal, and
 pads come last), so it needs no attention mask; its labels are IGNORE_INDEX.
 
+Padding-free batches (`flat_collate`) lay a micro-batch's examples side by side in one row, as
+a packed row holds them, so no compute goes to pads while every example keeps its own loss;
+unlike packing, each micro-batch holds the same examples as its padded version.
+
 Packing (`pack`) places whole examples side by side in rows of at most `max_len` tokens, best
 fit first, longest example first. A packed row carries "document_ids" (which example each token
 belongs to), so the model restricts attention to the token's own example, and "position_ids"
@@ -81,6 +85,15 @@ def pad_collate(examples: list[dict], pad_id: int = 0) -> dict:
         if packed:
             batch["position_ids"][b, n:] = torch.arange(T - n)
     return batch
+
+
+def flat_collate(examples: list[dict], pad_id: int = 0) -> dict:
+    """A batch dict of one (1, N) row, N the examples' total length: the examples side by side,
+    isolated and positioned as in a packed row (see pack), so each gets the loss it gets padded
+    and no token is padding. Rows packed already (carrying document_ids) are padded instead."""
+    if "document_ids" in examples[0]:
+        return pad_collate(examples, pad_id)
+    return pad_collate([_packed_row(examples)], pad_id)
 
 
 def pack(examples: list[dict], max_len: int) -> list[dict]:

@@ -242,6 +242,28 @@ def _guard_cudnn_attention() -> None:
             torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[(start, end), ...] of each row's packed documents, for document_ids (B, T) (one read from
+    the device per forward pass). A run of equal ids is one document, as in make_attention_mask."""
+    B, T = document_ids.shape
+    starts = [[] for _ in range(B)]
+    for b, t in document_starts(document_ids).nonzero().tolist():
+        starts[b].append(t)
+    return [list(zip(row, row[1:] + [T])) for row in starts]
+
+
+def attend_documents(q, k, v, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """Causal attention of packed rows q (B, H, T, D) over k, v (B, K, T, D), each document on its
+    own (`spans`, from document_spans): one causal kernel call per document instead of a (T x T)
+    mask over the row, so no mask is made or kept, the fused causal kernels run, and the work is
+    the documents' own (sum of length^2, not T^2). The same values as the masked call."""
+    rows = []
+    for b, row in enumerate(spans):
+        pieces = [attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None, True) for s, e in row]
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))  # (1, H, T, D)
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)  # (B, H, T, D)
+
+
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask as the float one SDPA would make of it (0 where a query may attend, -inf
     where not), made once per forward pass: handed a bool mask, SDPA converts it in every
@@ -268,6 +290,8 @@ class Attention(nn.Module):
         self.uses_window = config.sliding_window is not None and layer >= config.sliding_window_from
 
     def forward(self, x, cos_sin, mask, is_causal, cache: KVCache | None) -> torch.Tensor:
+        """mask: a float mask (B, 1, T, S) or None with is_causal, as attend takes them; or, for
+        packed rows, the rows' document spans (a list, see attend_documents)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -276,7 +300,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
-        out = attend(q, k, v, mask, is_causal)  # (B, H, T, D)
+        if isinstance(mask, list):
+            out = attend_documents(q, k, v, mask)  # (B, H, T, D)
+        else:
+            out = attend(q, k, v, mask, is_causal)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -293,12 +320,31 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+            h = SwiGLU.apply(self.gate_proj(x), self.up_proj(x))  # (B, T, F)
         elif self.kind == "gelu_tanh":
             h = gelu_tanh(self.up_proj(x))  # (B, T, F)
         else:
             h = F.gelu(self.up_proj(x))  # (B, T, F)
         return self.down_proj(h)  # (B, T, C)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward pass, where silu(gate) is
+    computed again: autograd would keep silu(gate) too, one more (tokens x F) activation per layer
+    (F = 4,864 floats a token in Qwen2.5-0.5B). The backward is autograd's own, op for op
+    (MulBackward's products, silu_backward), so the values and gradients are the same bits."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -401,13 +447,18 @@ class Transformer(nn.Module):
                 self.inv_freq = self.inv_freq.to(input_ids.device)
             cos_sin = rope_cos_sin(self.inv_freq, self.rope_scale, position_ids, x.dtype)  # 2 x (B, T, D)
         S = past + T
-        full = make_attention_mask(T, S, x.device, key_padding=attention_mask, document_ids=document_ids)
         window = self.config.sliding_window
-        local = full if window is None else make_attention_mask(
-            T, S, x.device, key_padding=attention_mask, document_ids=document_ids, window=window)
-        full = (additive_mask(full[0], x.dtype), full[1])
-        local = full if window is None else (additive_mask(local[0], x.dtype), local[1])
-        masks = (full, local)  # indexed by Attention.uses_window; every layer shares these tensors
+        spans = document_spans(document_ids) if document_ids is not None and cache is None \
+            and attention_mask is None else None
+        if spans is not None and (window is None or max(e - s for row in spans for s, e in row) <= window):
+            masks = ((spans, True), (spans, True))  # packed rows: each document attends on its own
+        else:
+            full = make_attention_mask(T, S, x.device, key_padding=attention_mask, document_ids=document_ids)
+            local = full if window is None else make_attention_mask(
+                T, S, x.device, key_padding=attention_mask, document_ids=document_ids, window=window)
+            full = (additive_mask(full[0], x.dtype), full[1])
+            local = full if window is None else (additive_mask(local[0], x.dtype), local[1])
+            masks = (full, local)  # indexed by Attention.uses_window; every layer shares these tensors
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
             if recompute:

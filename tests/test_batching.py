@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from minituner.batching import micro_batches, pack, pad_collate, real_token_fraction, step_examples
+from minituner.batching import flat_collate, micro_batches, pack, pad_collate, real_token_fraction, step_examples
 from minituner.hf.folder import load_pretrained
 from minituner.loss import IGNORE_INDEX, lm_loss_sum, target_count
 
@@ -124,3 +124,30 @@ def test_an_epoch_sees_each_example_once_and_epochs_reshuffle():
     epoch1 = [i for s in range(5, 10) for i in step_examples(s, n_examples=40, global_batch=8, seed=1)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(40))
     assert epoch0 != epoch1
+
+
+@pytest.mark.parametrize("fixture", ["llama-tiny", "gpt2-tiny", "qwen2-window-tiny"])
+def test_a_padding_free_batch_has_the_padded_loss_and_gradients(fixture):
+    """flat_collate: the micro-batch's examples side by side in one row, no pad among them; the
+    loss sum, the target count and every gradient are the padded batch's (float rounding apart)."""
+    model, _ = load_pretrained(FIXTURES / fixture)
+    examples = make_examples(6, vocab=model.config.vocab_size, seed=3)
+    padded, flat = pad_collate(examples), flat_collate(examples)
+    n = sum(len(e["input_ids"]) for e in examples)
+    assert flat["input_ids"].shape == (1, n) and padded["input_ids"].numel() > n
+    assert flat["position_ids"][0, :len(examples[0]["input_ids"]) + 1].tolist()[-2:] == [
+        len(examples[0]["input_ids"]) - 1, 0]  # positions restart with the second example
+    assert target_count(flat["labels"]) == target_count(padded["labels"])
+    grads = []
+    for batch in (padded, flat):
+        model.zero_grad()
+        extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+        loss = lm_loss_sum(model(batch["input_ids"], **extra), batch["labels"])
+        loss.backward()
+        grads.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (loss_padded, g_padded), (loss_flat, g_flat) = grads
+    assert loss_flat == pytest.approx(loss_padded, rel=1e-5)
+    for name in g_padded:
+        assert torch.allclose(g_flat[name], g_padded[name], rtol=1e-4, atol=1e-6), name
+    rows = pack(examples, max_len=40)
+    assert torch.equal(flat_collate(rows)["input_ids"], pad_collate(rows)["input_ids"])  # packed rows stay rows

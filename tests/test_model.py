@@ -197,7 +197,8 @@ def _record_sdpa(monkeypatch) -> list[dict]:
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
     def recording(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **rest):
-        calls.append({"q_heads": q.shape[1], "kv_heads": k.shape[1], "mask": attn_mask, "enable_gqa": enable_gqa})
+        calls.append({"q_heads": q.shape[1], "kv_heads": k.shape[1], "mask": attn_mask, "enable_gqa": enable_gqa,
+                      "length": q.shape[2], "causal": is_causal})
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **rest)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
@@ -211,13 +212,37 @@ def test_every_layer_gets_one_float_mask_made_once_per_forward(monkeypatch):
     model, _ = load_pretrained(FIXTURES / "llama31-tiny")
     calls = _record_sdpa(monkeypatch)
     ids = reference("llama31-tiny")["input_ids"][:1, :12]
-    model(ids, document_ids=torch.tensor([[0] * 5 + [1] * 7]))  # packed: two documents
+    model(ids, document_ids=torch.tensor([[0] * 5 + [1] * 7]), attention_mask=torch.ones(1, 12))  # packed + mask
     model(ids.expand(2, 12), attention_mask=torch.tensor([[0, 0] + [1] * 10, [1] * 12]))  # padded
     for forward in (calls[:model.config.n_layers], calls[model.config.n_layers:]):
         assert len(forward) == model.config.n_layers
         assert all(c["mask"] is forward[0]["mask"] for c in forward)
         assert forward[0]["mask"].dtype == torch.float32 and forward[0]["mask"].isneginf().any()
         assert forward[0]["mask"].stride(-2) % 16 == 0  # else the memory-efficient kernel pads a copy per layer
+
+
+@pytest.mark.parametrize("name", ["llama31-tiny", "qwen2-window-tiny"])
+def test_packed_rows_attend_document_by_document_without_a_mask(name, monkeypatch):
+    """Packed rows (document_ids, no padding mask) take one causal kernel call per document and
+    layer, no (T x T) mask, with the masked path's values; a document longer than a sliding
+    window (qwen2-window-tiny's 8 tokens) needs the window's mask, so that row goes the masked way."""
+    model, _ = load_pretrained(FIXTURES / name)
+    ids = reference(name)["input_ids"][:2, :12]
+    documents = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 2 + [-1] * 7])  # the second row ends in padding
+    calls = _record_sdpa(monkeypatch)
+    with torch.no_grad():
+        apart = model(ids, document_ids=documents)
+        masked = model(ids, document_ids=documents, attention_mask=torch.ones(2, 12))  # forces the (T x T) mask
+    L = model.config.n_layers
+    assert (apart - masked).abs().max() < 1e-5
+    assert len(calls) == 5 * L + L and all(c["mask"] is None and c["causal"] for c in calls[:5 * L])
+    assert [c["length"] for c in calls[:5]] == [5, 7, 3, 2, 7]
+    documents = torch.tensor([[0] * 10 + [1] * 2, [0] * 12])  # 10 and 12 tokens: past qwen2-window-tiny's window
+    calls.clear()
+    with torch.no_grad():
+        model(ids, document_ids=documents)
+    window = model.config.sliding_window
+    assert all(c["mask"] is not None for c in calls) == (window is not None and window < 12)
 
 
 @pytest.mark.parametrize("name", ["llama31-tiny", "mistral-tiny", "qwen2-window-tiny"])
@@ -290,3 +315,21 @@ def test_activation_checkpointing_recomputes_the_same_gradients(name, lora, monk
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", refuse)
     with torch.no_grad():
         model(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_keeps_two_activations_and_gives_autograds_bits(dtype):
+    """model.SwiGLU keeps gate and up for the backward pass (autograd's silu(gate) * up keeps
+    silu(gate) as well) and computes the same output and gradients to the bit."""
+    from minituner.model import SwiGLU
+    torch.manual_seed(0)
+    gate, up, w = (torch.randn(16, 40, dtype=dtype, requires_grad=i < 2) for i in range(3))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = SwiGLU.apply(gate, up)
+    (out * w).sum().backward()
+    fused = (out, gate.grad.clone(), up.grad.clone())
+    gate.grad = up.grad = None
+    plain = torch.nn.functional.silu(gate) * up
+    (plain * w).sum().backward()
+    assert len(kept) == 2 and all(torch.equal(a, b) for a, b in zip(fused, (plain, gate.grad, up.grad)))

@@ -31,7 +31,6 @@ from minituner.model import Transformer
 from minituner.runfolder import check_export_target, folder_fingerprint, record_export
 from minituner.tokenizer import Tokenizer
 
-
 EXPORTS = ("merged", "adapter", "both", "none")
 SAVE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from minituner.atomic import write_json
-from minituner.batching import pad_collate, steps_per_epoch
+from minituner.batching import steps_per_epoch
 from minituner.config import SIZE_PRESETS, preset_config
 from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
 from minituner.distributed import all_gather_object, init_runtime, shutdown
@@ -43,9 +43,9 @@ from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
-                                     lora_options, read_with_validation, resolve_resume, run_config, save_dtype,
-                                     settle, train_options)
-from minituner.recipes.report import print_outcome, print_table, real_token_share
+                                     lora_options, make_collate, read_with_validation, resolve_resume, run_config,
+                                     save_dtype, settle, train_options)
+from minituner.recipes.report import print_outcome, print_table
 from minituner.runfolder import release_all
 from minituner.tokenizer import Tokenizer
 from minituner.trainer import train
@@ -161,11 +161,9 @@ def run(argv=None) -> int:
         for line in report["warnings"]:
             say(f"warning: {line}")
         extra["general"] = blocks(spread(general_docs, args.eval_limit))[0]
-    share = real_token_share(train_set, options, runtime.world_size) if args.layout == "rows" else None
-    if share is not None:
-        say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
+    collate = make_collate(args, tokenizer, train_set, options, runtime.world_size, say,
+                           padded_rows=args.layout == "rows")
     steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
-    collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     claim_run_folder(args, runtime, SCRIPT)  # every check has passed: from here on the run writes into it
 

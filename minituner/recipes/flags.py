@@ -7,11 +7,12 @@ settings). Each recipe adds its own data flags and keeps its `main` readable top
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from minituner.batching import check_row_length
+from minituner.batching import check_row_length, flat_collate, pad_collate
 from minituner.checkpoint import latest_checkpoint
 from minituner.datafile import check_fraction
 from minituner.distributed import DIST_TIMEOUT_MINUTES, Runtime
@@ -20,6 +21,7 @@ from minituner.hf.folder import read_config, stored_dtype
 from minituner.lora import ALPHA, DEFAULT_TARGETS, DROPOUT, RANK, check_lora
 from minituner.precision import POLICIES, auto_dtype, slow_cpu_bf16
 from minituner.recipes.export import EXPORTS, SAVE_DTYPES, export_folders
+from minituner.recipes.report import real_token_share
 from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
@@ -61,6 +63,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="AdamW weight decay (not on norms, biases, embeddings)")
     g.add_argument("--max-grad-norm", type=float, default=D.max_grad_norm, help="clip the global gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=D.seed, help="seed of the data order, the split and the initialisations")
+    g.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=None,
+                   help="lay each micro-batch's examples side by side in one row, attention and positions kept "
+                        "per example, instead of padding them to the longest: the same losses, no compute on pads "
+                        "(default on; off for runs begun before it existed)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=D.eval_every,
                    help="evaluate every N steps (0 = at the start and end only)")
@@ -144,6 +150,8 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float, sa
     config.json records what ran and a resumed run (maybe elsewhere) runs the same; and check,
     before any work, what would otherwise fail only after the model and data are loaded."""
     args.precision = resolve_precision(args.precision, device)
+    if args.padding_free is None:  # a run resumed from before the flag keeps the padded batches it began with
+        args.padding_free = args.resume is None
     if args.precision == "bf16" and slow_cpu_bf16(device):
         say("note: this CPU has no bfloat16 matmul instructions (AVX-512 BF16 or AMX), so bf16 is emulated and "
             "runs many times slower than fp32 here; --precision fp32 is the fast choice on it")
@@ -240,6 +248,19 @@ def check_max_len(max_len: int, config, say, max_new_tokens: int = 0) -> None:
                         f"use --max-len {config.max_seq_len} or less")
     say(f"note: --max-len {max_len} exceeds the model's context ({config.max_seq_len} tokens): it will be "
         "trained on positions it has not seen")
+
+
+def make_collate(args: argparse.Namespace, tokenizer, train_set: list, options: TrainOptions, world_size: int,
+                 say, padded_rows: bool = True):
+    """The micro-batches' collate function (padding-free or padded, see batching.py), saying what
+    share of padded rows would be real tokens (padded_rows: whether examples differ in length)."""
+    share = real_token_share(train_set, options, world_size) if padded_rows else None
+    if share is not None and args.padding_free:
+        say(f"padding-free batches: padded to their longest, the first steps' rows would be {share:.1%} real tokens")
+    elif share is not None:
+        say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
+    return partial(flat_collate if args.padding_free else pad_collate,
+                   pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:

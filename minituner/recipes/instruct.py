@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from minituner.atomic import write_json
-from minituner.batching import pack, pad_collate, steps_per_epoch
+from minituner.batching import pack, steps_per_epoch
 from minituner.chat_template import fix_clock, template_source
 from minituner.datafile import split_validation
 from minituner.distributed import all_gather_object, init_runtime, shutdown
@@ -40,9 +40,9 @@ from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
-                                     lora_options, read_with_validation, resolve_resume, run_config, save_dtype,
-                                     settle, train_options)
-from minituner.recipes.report import print_outcome, print_table, real_token_share
+                                     lora_options, make_collate, read_with_validation, resolve_resume, run_config,
+                                     save_dtype, settle, train_options)
+from minituner.recipes.report import print_outcome, print_table
 from minituner.runfolder import release_all
 from minituner.sft import build_examples, n_prefix, prompt_ids, show_mask
 from minituner.templates import MODEL, TEMPLATES, chat_template, check_template, default_template, stop_ids
@@ -136,11 +136,8 @@ def run(argv=None) -> int:
         n = len(train_set)
         train_set = pack(train_set, max_len)
         say(f"packing: {n} examples in {len(train_set)} rows of at most {max_len} tokens")
-    share = real_token_share(train_set, options, runtime.world_size)
-    if share is not None:
-        say(f"real (non-pad) tokens: {share:.1%} of the first steps' batches")
+    collate = make_collate(args, tokenizer, train_set, options, runtime.world_size, say)
     steps_per_epoch(len(train_set), options.batch_size * options.grad_accum * runtime.world_size)  # enough data?
-    collate = partial(pad_collate, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
 
     claim_run_folder(args, runtime, SCRIPT)  # every check has passed: from here on the run writes into it
 

@@ -252,3 +252,32 @@ def test_bf16_on_a_cpu_that_only_emulates_it_is_said(tmp_path, data, capsys, mon
                    "--export", "none") == 0
         said = "note: this CPU has no bfloat16 matmul instructions" in capsys.readouterr().out
         assert said == slow
+
+
+def test_padding_free_batches_by_default_and_runs_from_before_keep_padding(tmp_path, data, capsys, monkeypatch):
+    """New runs lay each micro-batch out in one row without pads, with the padded run's losses; a run
+    begun before --padding-free existed (no such key in its config.json) resumes padded, as it began."""
+    records = [{"instruction": f"Count to {n % 6}.", "input": "", "output": " ".join(str(i) for i in range(n % 6 + 1))}
+               for n in range(24)]  # answers of different lengths: padded rows would hold pads
+    data = tmp_path / "counts.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    data = str(data)
+    free, padded = tmp_path / "free", tmp_path / "padded"
+    assert run(free, data, "--steps", "3", "--samples", "0") == 0
+    assert "padding-free batches: padded to their longest, the first steps' rows would be" in capsys.readouterr().out
+    assert run(padded, data, "--steps", "3", "--samples", "0", "--no-padding-free") == 0
+    assert "real (non-pad) tokens:" in capsys.readouterr().out
+    assert json.loads((free / "config.json").read_text())["padding_free"] is True
+    for a, b in zip(rows(free), rows(padded)):
+        assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), rel=1e-4)
+    assert json.loads((free / "summary.json").read_text())["tokens"] < json.loads((padded / "summary.json")
+                                                                                  .read_text())["tokens"]
+    old = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "StopRequest", StopAfterTwoSteps)
+        assert run(old, data, "--steps", "3", "--samples", "0", "--no-padding-free") == 130
+    config = json.loads((old / "config.json").read_text())
+    del config["padding_free"]  # as a run from before the flag wrote it
+    (old / "config.json").write_text(json.dumps(config))
+    assert train_instruct.main(["--resume", str(old), "--no-progress"]) == 0
+    assert [r.get("loss") for r in rows(old)] == [r.get("loss") for r in rows(padded)]  # padded all along
