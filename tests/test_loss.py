@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import minituner
 from conftest import FIXTURES
-from minituner import step
+from minituner import loss, step
 from minituner.hf.folder import load_pretrained
 from minituner.lora import apply_lora
 from minituner.loss import IGNORE_INDEX, linear_loss_sum, lm_loss_sum, target_count
@@ -156,3 +156,13 @@ def test_forward_loss_is_public_and_takes_the_models_device():
     batch = {"input_ids": torch.randint(3, 300, (2, 16)), "labels": torch.randint(3, 300, (2, 16))}
     loss = minituner.forward_loss(model, batch)
     assert loss.dtype == torch.float32 and torch.equal(loss, lm_loss_sum(model(batch["input_ids"]), batch["labels"]))
+
+
+def test_the_fused_loss_takes_as_many_rows_per_chunk_as_fit_a_fixed_budget(monkeypatch):
+    """Its own memory is a chunk of CHUNK_ELEMENTS logits whatever the vocabulary: fewer rows per
+    chunk for a larger one."""
+    taken = []
+    monkeypatch.setattr(loss.LinearCrossEntropySum, "apply", lambda *args: taken.append(args[3]) or args[0].sum())
+    for V in (4096, 151936):
+        loss.linear_loss_sum(torch.randn(1, 9, 8), torch.randn(V, 8), torch.randint(0, V, (1, 9)))
+    assert taken == [loss.CHUNK_ELEMENTS // 4096, loss.CHUNK_ELEMENTS // 151936]
