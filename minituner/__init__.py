@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _PUBLIC = {  # name: the module that defines it
     "IGNORE_INDEX": "loss", "lm_loss_sum": "loss", "forward_loss": "step", "ModelConfig": "config",
     "Transformer": "model", "Tokenizer": "tokenizer", "apply_lora": "lora", "merge_and_unload": "lora",
-    "pack": "batching", "pad_collate": "batching", "TrainOptions": "trainer", "train": "trainer",
+    "pack": "batching", "pad_collate": "batching", "flat_collate": "batching", "TrainOptions": "trainer", "train": "trainer",
     "Runtime": "distributed", "init_runtime": "distributed", "generate_text": "generate", "UserError": "errors",
     "load_pretrained": "hf.folder", "save_pretrained": "hf.folder", "load_adapter": "hf.peft",
     "save_adapter": "hf.peft", "load_tokenizer": "hf.tokenizer", "save_tokenizer": "hf.tokenizer",

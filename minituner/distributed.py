@@ -8,8 +8,10 @@ DistributedDataParallel: the training loop sums the float32 master gradients of 
 with `all_reduce_sum_` after its micro-batches, in plain sight of the loss normalisation.
 """
 
+import ctypes
 import os
 import resource
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,6 +57,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# glibc's malloc serves large blocks from its heap once freed ones grow its mmap threshold (up to
+# 32 MiB), and that heap keeps what a training step frees, fragmented: measured at Qwen2.5-0.5B's
+# shape (LoRA, 2 x 512 tokens, fp32, 2-core CPU, 2 paired rounds), peak resident memory 7.2-7.7 GB that
+# way, 5.6-5.75 GB with blocks from 4 MiB on mapped and unmapped by the kernel, at 40.6 against 41.9
+# tokens/s (a fixed 64 KiB: 4.6 GB at 32 tokens/s; 32 MiB: 6.3 GB at 42.8 tokens/s).
+CPU_MMAP_THRESHOLD = 4 << 20
+
+
+def limit_cpu_heap() -> None:
+    """Fix glibc's mmap threshold at CPU_MMAP_THRESHOLD (mallopt M_MMAP_THRESHOLD) unless the user set
+    MALLOC_MMAP_THRESHOLD_; nothing elsewhere (another C library, macOS, Windows)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, CPU_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def use_device(name: str) -> torch.device:
     """The device of a single-process run (resolve_device), made the current CUDA device, so
     that work naming no device (a capability check, a library's context) lands on it rather
@@ -62,6 +84,8 @@ def use_device(name: str) -> torch.device:
     device = resolve_device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        limit_cpu_heap()
     return device
 
 
@@ -113,6 +137,8 @@ def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOU
                             f"but it has {torch.cuda.device_count()} GPUs; lower --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    else:
+        limit_cpu_heap()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes),

@@ -124,9 +124,15 @@ def rope_cos_sin(inv_freq: torch.Tensor, scale: float, position_ids: torch.Tenso
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+D/2}) by the angle of their position: the 'rotate half' layout of
     HF checkpoints, which pairs dimension i with i + D/2 rather than the paper's 2i with 2i+1."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]  # cos/sin (B, 1, T, D) broadcast over heads
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    sin = sin[:, None, :, :half]  # the halves of sin repeat (rope_cos_sin): one is enough
+    out = x * cos[:, None]  # cos (B, 1, T, D) broadcast over heads
+    # x * cos + cat(-x2, x1) * sin, written into the halves: no rotated copy, no negated one (a - b*s is
+    # a + (-b)*s to the bit)
+    out[..., :half] -= x2 * sin
+    out[..., half:] += x1 * sin
+    return out
 
 
 # ----------------------------------------------------------------------------- attention
@@ -420,6 +426,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
+        spans: list | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T), in the weights' dtype.
 
@@ -433,6 +440,8 @@ class Transformer(nn.Module):
         last_only: compute logits for the last position only, (B, 1, V) (generation).
         hidden_only: return the final hidden states (B, T, C), normed, before the output layer (the
             fused loss, loss.linear_loss_sum, applies lm_head itself chunk by chunk).
+        spans: document_spans(document_ids), when the caller has them already (read from a copy of
+            document_ids on the host, they cost the GPU no wait).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -448,8 +457,10 @@ class Transformer(nn.Module):
             cos_sin = rope_cos_sin(self.inv_freq, self.rope_scale, position_ids, x.dtype)  # 2 x (B, T, D)
         S = past + T
         window = self.config.sliding_window
-        spans = document_spans(document_ids) if document_ids is not None and cache is None \
-            and attention_mask is None else None
+        if document_ids is None or cache is not None or attention_mask is not None:
+            spans = None
+        elif spans is None:
+            spans = document_spans(document_ids)
         if spans is not None and (window is None or max(e - s for row in spans for s, e in row) <= window):
             masks = ((spans, True), (spans, True))  # packed rows: each document attends on its own
         else:

@@ -22,6 +22,7 @@ import torch
 from minituner.distributed import Runtime, all_reduce_sum_
 from minituner.errors import UserError
 from minituner.loss import linear_loss_sum, lm_loss_sum, target_count
+from minituner.model import document_spans
 from minituner.optim import clip_grads_, grad_norm
 from minituner.precision import LossScaler, MasterWeights
 
@@ -46,13 +47,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
 FUSED_MIN_VOCAB = 1024
 
 
-def forward_loss(model, batch: dict, device: torch.device | None = None, fused: bool | None = None) -> torch.Tensor:
+def forward_loss(model, batch: dict, device: torch.device | None = None, fused: bool | None = None,
+                 spans: list | None = None) -> torch.Tensor:
     """Summed fp32 loss of one batch dict (see the module docstring for its keys; the shift inside,
     as in loss.py), on `device` (default: the model's). fused: through loss.linear_loss_sum, which
     never holds the whole (tokens x vocabulary) logits, possible where the output layer is a plain
-    linear map (not one LoRA adapts); else lm_loss_sum. None: fused from FUSED_MIN_VOCAB words on."""
+    linear map (not one LoRA adapts); else lm_loss_sum. None: fused from FUSED_MIN_VOCAB words on.
+    spans: model.document_spans of the batch's document_ids where the caller has read them (train_step
+    does, on the host before the batch moves, so that packed rows cost a GPU no wait)."""
+    if spans is None and "document_ids" in batch:  # packed documents, read where the batch is (the host: no wait)
+        spans = document_spans(batch["document_ids"])
     batch = to_device(batch, device or next(model.parameters()).device)
     optional = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    if spans is not None:
+        optional["spans"] = spans
     if fused_loss(model, fused):
         hidden = model(batch["input_ids"], hidden_only=True, **optional)  # (B, T, C)
         return linear_loss_sum(hidden, model.lm_head.weight, batch["labels"])
@@ -89,11 +97,12 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
     if n_targets == 0:
         raise UserError("a training step has no target tokens: every label is masked; check the data's labels")
 
+    spans = [document_spans(b["document_ids"]) if "document_ids" in b else None for b in batches]  # on the host
     batches = [to_device(b, device) for b in batches]  # every copy queued before the first forward
     masters.begin_step(flat=runtime.world_size > 1)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for batch in batches:
-        loss = forward_loss(model, batch, device)  # fp32 sum over this micro-batch's targets
+    for batch, batch_spans in zip(batches, spans):
+        loss = forward_loss(model, batch, device, spans=batch_spans)  # fp32 sum over this micro-batch's targets
         (loss * (scaler.scale / n_targets)).backward()  # each token weighs 1/n_targets of the step
         masters.accumulate_grads()  # into fp32, so many micro-batches do not pile up bf16 rounding
         loss_sum += loss.detach()

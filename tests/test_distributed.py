@@ -110,3 +110,20 @@ def test_the_loop_does_not_stop_the_device_between_steps(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer, "synchronize", lambda device: syncs.append(device))
     assert toy_train.main(["--out", str(tmp_path / "run"), "--steps", "5"]) == 0
     assert len(syncs) == 1
+
+
+def test_a_cpu_run_fixes_glibcs_mmap_threshold_unless_the_user_set_it(monkeypatch):
+    from minituner import distributed
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(distributed.sys, "platform", "linux")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    distributed.use_device("cpu")
+    assert calls == [(-3, distributed.CPU_MMAP_THRESHOLD)]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    distributed.use_device("cpu")
+    assert len(calls) == 1  # the user's own setting stands

@@ -333,3 +333,22 @@ def test_swiglu_keeps_two_activations_and_gives_autograds_bits(dtype):
     plain = torch.nn.functional.silu(gate) * up
     (plain * w).sum().backward()
     assert len(kept) == 2 and all(torch.equal(a, b) for a, b in zip(fused, (plain, gate.grad, up.grad)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotation_written_into_halves_is_the_rotate_half_formula_to_the_bit(dtype):
+    """apply_rope computes x * cos + cat(-x2, x1) * sin (HF's rotate_half) without the
+    concatenation or the negation: the same output and gradient bits."""
+    from minituner.model import apply_rope, rope_cos_sin
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 4, 32, dtype=dtype).transpose(1, 2).requires_grad_()  # (B, H, T, D), strided as q is
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
+    cos, sin = rope_cos_sin(inv_freq, 1.0, torch.arange(16).expand(2, 16), dtype)
+    grad = torch.randn(2, 4, 16, 32, dtype=dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    reference = x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+    reference.backward(grad)
+    reference_grad, x.grad = x.grad.clone(), None
+    out = apply_rope(x, cos, sin)
+    out.backward(grad)
+    assert torch.equal(out, reference) and torch.equal(x.grad, reference_grad)

@@ -163,3 +163,17 @@ def test_no_unscaling_at_scale_one(monkeypatch):
     train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3, max_grad_norm=0.0,
                runtime=CPU)
     assert multiplied == [1 / 1024.0]
+
+
+def test_packed_rows_spans_are_read_before_the_batch_moves(monkeypatch):
+    """A padding-free or packed batch's document spans come from its host copy, handed to the model,
+    so a GPU is not made to wait for them in the forward pass."""
+    from minituner.batching import flat_collate
+    from minituner.model import document_spans
+    model, masters, optimizer, scaler, _ = _step_setup(torch.float32, False)
+    batches = [flat_collate(toy_train.make_examples(4, seed=s)) for s in (1, 2)]
+    seen, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(k.get("spans")) or forward(*a, **k))
+    train_step(model, batches, masters=masters, optimizer=optimizer, scaler=scaler, lr=1e-3, max_grad_norm=1.0,
+               runtime=CPU)
+    assert seen == [document_spans(b["document_ids"]) for b in batches] and all(len(s[0]) == 4 for s in seen)
