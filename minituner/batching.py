@@ -90,8 +90,10 @@ def pad_collate(examples: list[dict], pad_id: int = 0) -> dict:
 def flat_collate(examples: list[dict], pad_id: int = 0) -> dict:
     """A batch dict of one (1, N) row, N the examples' total length: the examples side by side,
     isolated and positioned as in a packed row (see pack), so each gets the loss it gets padded
-    and no token is padding. Rows packed already (carrying document_ids) are padded instead."""
-    if "document_ids" in examples[0]:
+    and no token is padding. Examples of one length (a corpus cut into full rows) need no padding,
+    and rows packed already (carrying document_ids) are full: both are padded (pad_collate) instead,
+    which keeps one attention call for the batch."""
+    if "document_ids" in examples[0] or len({len(e["input_ids"]) for e in examples}) == 1:
         return pad_collate(examples, pad_id)
     return pad_collate([_packed_row(examples)], pad_id)
 

@@ -154,6 +154,8 @@ def time_loss(model: Transformer, batch: dict, repeats: int) -> float:
     hidden.requires_grad_(True)
     best = float("inf")
     for _ in range(repeats + 1):
+        hidden.grad = None
+        model.zero_grad(set_to_none=True)
         synchronize(device)
         start = time.perf_counter()
         if fused_loss(model):

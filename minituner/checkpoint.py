@@ -234,7 +234,8 @@ def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runt
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
     elif not ended:  # (a run's final checkpoint has none: no step follows it)
-        raise UserError(f"{path}: has no optimizer state (optimizer.pt), so training cannot continue from it")
+        raise UserError(f"{path}: has no optimizer state (optimizer.pt), so training cannot continue from it; "
+                        "move it out of the folder to resume from the checkpoint before it, or start the run over")
     scaler.load_state_dict(saved["scaler"])
     if runtime.is_main:
         for unreadable, reason in skipped:

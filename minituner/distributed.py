@@ -66,9 +66,11 @@ CPU_MMAP_THRESHOLD = 4 << 20
 
 
 def limit_cpu_heap() -> None:
-    """Fix glibc's mmap threshold at CPU_MMAP_THRESHOLD (mallopt M_MMAP_THRESHOLD) unless the user set
-    MALLOC_MMAP_THRESHOLD_; nothing elsewhere (another C library, macOS, Windows)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+    """Fix glibc's mmap threshold at CPU_MMAP_THRESHOLD (mallopt M_MMAP_THRESHOLD), for the whole
+    process, unless the user set one (MALLOC_MMAP_THRESHOLD_, or GLIBC_TUNABLES'
+    glibc.malloc.mmap_threshold); nothing elsewhere (another C library, macOS, Windows)."""
+    user_set = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    if user_set or not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -80,7 +82,8 @@ def limit_cpu_heap() -> None:
 def use_device(name: str) -> torch.device:
     """The device of a single-process run (resolve_device), made the current CUDA device, so
     that work naming no device (a capability check, a library's context) lands on it rather
-    than on cuda:0."""
+    than on cuda:0. On the CPU, the process's large allocations are set to go back to the system
+    when freed (limit_cpu_heap)."""
     device = resolve_device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -122,7 +125,8 @@ def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOU
     timeout_minutes bounds how long a collective waits for the other ranks before the run is
     aborted. Rank 0 does some work alone while the others wait in their next collective
     (generating samples and scoring before training, training a tokenizer, writing a
-    checkpoint of many GB), so the default is an hour rather than NCCL's ten minutes.
+    checkpoint of many GB), so the default is an hour rather than NCCL's ten minutes. On the
+    CPU, large allocations are set to go back to the system when freed (limit_cpu_heap).
     """
     if not timeout_minutes > 0:
         raise OptionError("dist_timeout", f"{timeout_minutes}: must be > 0 minutes")

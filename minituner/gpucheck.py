@@ -12,7 +12,7 @@ The rows of the table it prints:
   generation  padded batched greedy decoding of grouped-query models, the path that crashed on
       CUDA: fp32 ids equal to Hugging Face's (the test fixtures' references, in a checkout) and
       to each prompt decoded alone; bf16 must run. Decode tokens/s at the preset's shape.
-  packing     packed documents (the per-document mask) on the device: the fp32 loss and gradients
+  packing     packed documents (attended one by one, model.attend_documents) on the device: the fp32 loss and gradients
       those of the CPU, bf16 close; peak memory of a packed step at the preset's shape.
   resume      train_finetune.py (built-in experiment) killed with SIGKILL after its first
       checkpoint, then resumed, ends where an uninterrupted run ends.
@@ -197,7 +197,7 @@ def _packing(device, preset: str, seq_len: int) -> Row:
         problems.append(f"fp32 on {device} differs from the CPU (loss {dev_loss:.6f} vs {cpu_loss:.6f})")
     if abs(low_loss - cpu_loss) > 0.05:
         problems.append(f"{auto_dtype(device)} loss {low_loss:.4f} vs fp32 {cpu_loss:.4f}")
-    # A packed step at the real shape: one float mask for all layers (model.additive_mask).
+    # A packed step at the real shape: each document attends on its own (model.attend_documents).
     _release(device)
     model = random_model(preset_config(preset, **PRESETS[preset]), device, auto_dtype(device)).train()
     big = _packed_batch(model.config.vocab_size, 2, seq_len, 8)

@@ -16,6 +16,7 @@ softmax happens inside scaled_dot_product_attention, which accumulates in float3
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -258,16 +259,31 @@ def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return [list(zip(row, row[1:] + [T])) for row in starts]
 
 
-def attend_documents(q, k, v, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+class Documents(NamedTuple):
+    """What a layer's attention needs of packed rows: each row's document spans (document_spans),
+    and the sliding window of the layer, if it has one."""
+    spans: list[list[tuple[int, int]]]
+    window: int | None = None
+
+
+def attend_documents(q, k, v, documents: Documents) -> torch.Tensor:
     """Causal attention of packed rows q (B, H, T, D) over k, v (B, K, T, D), each document on its
-    own (`spans`, from document_spans): one causal kernel call per document instead of a (T x T)
-    mask over the row, so no mask is made or kept, the fused causal kernels run, and the work is
-    the documents' own (sum of length^2, not T^2). The same values as the masked call."""
+    own: one kernel call per document instead of a (T x T) mask over the row, so no row-wide mask
+    is made or kept, the fused causal kernels run, and the work is the documents' own (sum of
+    length^2, not T^2). A document longer than the layer's window gets its own window mask. The
+    same values as the masked call. Returns a (B, H, T, D) view of a (B, T, H, D) tensor, which
+    the output projection then reads without a copy."""
     rows = []
-    for b, row in enumerate(spans):
-        pieces = [attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None, True) for s, e in row]
-        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))  # (1, H, T, D)
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)  # (B, H, T, D)
+    for b, row in enumerate(documents.spans):
+        pieces = []
+        for s, e in row:
+            mask = None
+            if documents.window is not None and e - s > documents.window:
+                mask = additive_mask(make_attention_mask(e - s, e - s, q.device, window=documents.window)[0], q.dtype)
+            out = attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], mask, mask is None)
+            pieces.append(out.transpose(1, 2))  # (1, L, H, D)
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))  # (1, T, H, D)
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)).transpose(1, 2)  # (B, H, T, D)
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -297,7 +313,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos_sin, mask, is_causal, cache: KVCache | None) -> torch.Tensor:
         """mask: a float mask (B, 1, T, S) or None with is_causal, as attend takes them; or, for
-        packed rows, the rows' document spans (a list, see attend_documents)."""
+        packed rows, their Documents (see attend_documents)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -306,7 +322,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
-        if isinstance(mask, list):
+        if isinstance(mask, Documents):
             out = attend_documents(q, k, v, mask)  # (B, H, T, D)
         else:
             out = attend(q, k, v, mask, is_causal)  # (B, H, T, D)
@@ -461,8 +477,8 @@ class Transformer(nn.Module):
             spans = None
         elif spans is None:
             spans = document_spans(document_ids)
-        if spans is not None and (window is None or max(e - s for row in spans for s, e in row) <= window):
-            masks = ((spans, True), (spans, True))  # packed rows: each document attends on its own
+        if spans is not None:  # packed rows: each document attends on its own
+            masks = ((Documents(spans), True), (Documents(spans, window), True))
         else:
             full = make_attention_mask(T, S, x.device, key_padding=attention_mask, document_ids=document_ids)
             local = full if window is None else make_attention_mask(

@@ -151,3 +151,5 @@ def test_a_padding_free_batch_has_the_padded_loss_and_gradients(fixture):
         assert torch.allclose(g_flat[name], g_padded[name], rtol=1e-4, atol=1e-6), name
     rows = pack(examples, max_len=40)
     assert torch.equal(flat_collate(rows)["input_ids"], pad_collate(rows)["input_ids"])  # packed rows stay rows
+    same = [dict(e, input_ids=e["input_ids"][:2], labels=e["labels"][:2]) for e in examples]
+    assert flat_collate(same)["input_ids"].shape == (6, 2) and "document_ids" not in flat_collate(same)

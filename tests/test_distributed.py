@@ -126,4 +126,7 @@ def test_a_cpu_run_fixes_glibcs_mmap_threshold_unless_the_user_set_it(monkeypatc
     assert calls == [(-3, distributed.CPU_MMAP_THRESHOLD)]
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     distributed.use_device("cpu")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    distributed.use_device("cpu")
     assert len(calls) == 1  # the user's own setting stands

@@ -225,7 +225,7 @@ def test_every_layer_gets_one_float_mask_made_once_per_forward(monkeypatch):
 def test_packed_rows_attend_document_by_document_without_a_mask(name, monkeypatch):
     """Packed rows (document_ids, no padding mask) take one causal kernel call per document and
     layer, no (T x T) mask, with the masked path's values; a document longer than a sliding
-    window (qwen2-window-tiny's 8 tokens) needs the window's mask, so that row goes the masked way."""
+    window (qwen2-window-tiny's 8 tokens) gets a window mask of its own length on windowed layers."""
     model, _ = load_pretrained(FIXTURES / name)
     ids = reference(name)["input_ids"][:2, :12]
     documents = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 2 + [-1] * 7])  # the second row ends in padding
@@ -240,9 +240,14 @@ def test_packed_rows_attend_document_by_document_without_a_mask(name, monkeypatc
     documents = torch.tensor([[0] * 10 + [1] * 2, [0] * 12])  # 10 and 12 tokens: past qwen2-window-tiny's window
     calls.clear()
     with torch.no_grad():
-        model(ids, document_ids=documents)
+        apart = model(ids, document_ids=documents)
+        masked = model(ids, document_ids=documents, attention_mask=torch.ones(2, 12))
+    assert (apart - masked).abs().max() < 1e-5
     window = model.config.sliding_window
-    assert all(c["mask"] is not None for c in calls) == (window is not None and window < 12)
+    windowed = [layer.self_attn.uses_window for layer in model.layers]
+    per_layer = [calls[3 * i:3 * i + 3] for i in range(L)]  # 3 documents a layer on the spans path
+    for uses_window, layer_calls in zip(windowed, per_layer):  # a window mask only for a document longer than it
+        assert [c["mask"] is not None for c in layer_calls] == [uses_window and n > window for n in (10, 2, 12)]
 
 
 @pytest.mark.parametrize("name", ["llama31-tiny", "mistral-tiny", "qwen2-window-tiny"])

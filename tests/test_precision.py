@@ -146,3 +146,12 @@ def test_scaler_state_round_trips():
     b = LossScaler(init_scale=8.0, growth_interval=5)
     b.load_state_dict(a.state_dict())
     assert (b.scale, b.good_steps) == (8.0, 1)
+
+
+def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path):
+    from minituner.precision import slow_cpu_bf16
+    cpu = torch.device("cpu")
+    for flags, slow in (("fpu avx2 avx512f", True), ("fpu avx512f avx512_bf16", False), ("fpu amx_bf16 amx_tile", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert slow_cpu_bf16(cpu, str(tmp_path / "cpuinfo")) == slow
+    assert not slow_cpu_bf16(cpu, str(tmp_path / "absent"))  # flags unknown: nothing said

@@ -87,7 +87,8 @@ def _cast(model: Transformer, dtype: torch.dtype) -> Transformer:
     for name, p in model.named_parameters():
         if torch.isinf(p.detach().to(dtype)).any() and torch.isfinite(p).all():
             raise UserError(f"--save-dtype {str(dtype).removeprefix('torch.')}: {name} has values it cannot hold "
-                            f"(largest {p.detach().abs().max().item():.4g}); save in float32 or bfloat16")
+                            f"(largest {p.detach().abs().max().item():.4g}); --resume the run with --save-dtype "
+                            "bfloat16 or float32 to export it")
     return model.to(dtype)
 
 

@@ -26,8 +26,10 @@ from minituner.runfolder import check_new_run, check_outside_runs, read_run_conf
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
 # may differ when a run resumes: the machine's flags (activation checkpointing recomputes the same values: it
-# trades time for memory), and what a finished run exports (`--resume RUN --export merged` adds RUN/model/)
-MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing", "export", "save_dtype")
+# trades time for memory), and, when given again, what the run exports (`--resume RUN --export merged` adds
+# RUN/model/ to a finished run; a plain --resume keeps the run's own choice)
+MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing")
+EXPORT_FLAGS = ("export", "save_dtype")
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # Library option names whose flag is not simply --the-name (errors.OptionError.as_flag).
 FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets",
@@ -95,7 +97,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export", choices=EXPORTS, default=None,
                    help="what a finished run writes: merged (RUN/model/, a LoRA merged into the base), adapter "
                         "(RUN/adapter/, LoRA only), both (the LoRA default; full fine-tuning: merged) or none")
-    g.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="auto",
+    g.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default=None,
                    help="dtype of RUN/model/'s weights (auto = the base folder's, e.g. bfloat16; float32 from scratch)")
     g.add_argument("--samples", type=int, default=3, help="held-out prompts to generate from before and after")
     g.add_argument("--max-new-tokens", type=int, default=64, help="length of those generations")
@@ -119,7 +121,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
         return value != saved.get(key)
 
     changed = [k for k, v in vars(args).items()  # (an option the run's config lacks, newer than it, is taken)
-               if k not in MACHINE_FLAGS and k in saved and v != parser.get_default(k)
+               if k not in MACHINE_FLAGS + EXPORT_FLAGS and k in saved and v != parser.get_default(k)
                and differs(k, v)]
     if changed:
         print(f"note: --resume uses the run's saved options; ignoring --{changed[0].replace('_', '-')}"
@@ -127,6 +129,8 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
     merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
     for key in MACHINE_FLAGS:
         setattr(merged, key, getattr(args, key))
+    for key in EXPORT_FLAGS:
+        setattr(merged, key, getattr(args, key) if getattr(args, key) is not None else saved.get(key))
     merged.out = args.resume
     return merged
 
@@ -164,6 +168,7 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float, sa
     if args.method == "lora":
         check_lora(args.lora_rank, args.lora_alpha, args.lora_dropout)
     args.export = args.export or ("both" if args.method == "lora" else "merged")
+    args.save_dtype = args.save_dtype or "auto"
     export_folders(args.export, lora=args.method == "lora")  # an adapter of a full fine-tune is said now
     if args.samples < 0 or args.max_new_tokens < 1 or args.eval_limit < 0:
         raise UserError("--samples and --eval-limit must be >= 0, --max-new-tokens >= 1")

@@ -50,7 +50,7 @@ def print_outcome(summary: dict, samples: list[dict], written, run_dir) -> None:
                                         for path, size, seconds in written))
     else:
         print(f"\nnothing exported (--export none): the trained weights are in {run_dir}/checkpoints; "
-              f"--resume {run_dir} --export merged (or adapter, both) writes them out")
+              f"--resume {run_dir} --export merged (a LoRA run: or adapter, both) writes them out")
 
 
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:

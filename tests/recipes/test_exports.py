@@ -121,3 +121,18 @@ def test_float16_refuses_weights_it_cannot_hold():
     with pytest.raises(UserError, match=r"--save-dtype float16: layers.0.mlp.up_proj.weight has values it cannot hold"):
         _cast(model, torch.float16)
     assert _cast(model, torch.bfloat16).layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_plain_resume_keeps_the_runs_own_export_choices(tmp_path, data, monkeypatch):
+    from conftest import StopAfterTwoSteps
+    from minituner import trainer
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "StopRequest", StopAfterTwoSteps)
+        assert run(out, data, "--steps", "4", "--export", "adapter", "--save-dtype", "float16") == 130
+    assert train_instruct.main(["--resume", str(out), "--no-progress"]) == 0
+    assert (out / "adapter").is_dir() and not (out / "model").exists()  # not the default's merged model too
+    config = json.loads((out / "config.json").read_text())
+    assert config["export"] == "adapter" and config["save_dtype"] == "float16"
+    assert train_instruct.main(["--resume", str(out), "--no-progress", "--export", "merged"]) == 0
+    assert tensor_dtypes(out / "model") == {"F16"}  # the run's --save-dtype, kept
