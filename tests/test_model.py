@@ -344,7 +344,7 @@ def test_swiglu_keeps_two_activations_and_gives_autograds_bits(dtype):
 def test_the_rotation_written_into_halves_is_the_rotate_half_formula_to_the_bit(dtype):
     """apply_rope computes x * cos + cat(-x2, x1) * sin (HF's rotate_half) without the
     concatenation or the negation: the same output and gradient bits."""
-    from minituner.model import apply_rope, rope_cos_sin
+    from minituner.rope import apply_rope, rope_cos_sin
     torch.manual_seed(0)
     x = torch.randn(2, 16, 4, 32, dtype=dtype).transpose(1, 2).requires_grad_()  # (B, H, T, D), strided as q is
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))

@@ -8,7 +8,7 @@ from conftest import CHECKPOINTS, FIXTURES
 from minituner.config import ModelConfig
 from minituner.errors import UserError
 from minituner.hf.config import from_hf_config, to_hf_config
-from minituner.model import rope_frequencies
+from minituner.rope import rope_frequencies
 
 LLAMA31_CLASSIC = {  # how Llama-3.1 checkpoints on the hub spell rope scaling
     "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
