@@ -5,6 +5,7 @@ tests/fixtures/make_references.py with transformers 5.x. Every reference.safeten
 transformers computed in float32 for the same weights.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,17 @@ def max_diff(a: dict, b: dict) -> float:
 
 def reference(name: str) -> dict:
     return load_file(FIXTURES / name / "reference.safetensors")
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    """The recipe tests' instruction file: a small, repetitive Alpaca file that a tiny model
+    learns in a few steps."""
+    records = [{"instruction": f"Say the number {n % 4}.", "input": "", "output": f"{n % 4} {n % 4} {n % 4}"}
+               for n in range(24)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,7 @@ from minituner.recipes.export import _cast
 BASE = str(FIXTURES / "llama-tiny")
 
 
-@pytest.fixture
-def data(tmp_path) -> str:
-    records = [{"instruction": f"Say the number {n % 4}.", "input": "", "output": f"{n % 4} {n % 4}"} for n in range(16)]
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return str(path)
-
-
-def run(out, data, *flags) -> int:
+def run(out, data, *flags) -> int:  # (data: the Alpaca file of tests/conftest.py)
     return train_instruct.main(["--base", BASE, "--data", data, "--out", str(out), "--template", "chatml",
                                 "--batch-size", "4", "--lr", "3e-3", "--max-len", "64", "--samples", "0",
                                 "--no-progress", *flags])

@@ -24,16 +24,6 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.env
                   "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def data(tmp_path) -> str:
-    """A small, repetitive Alpaca file: a tiny model can learn it in a few steps."""
-    records = [{"instruction": f"Say the number {n % 4}.", "input": "", "output": f"{n % 4} {n % 4} {n % 4}"}
-               for n in range(24)]
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return str(path)
-
-
 def run(out, data, *flags) -> int:
     return train_instruct.main(["--base", BASE, "--data", data, "--out", str(out), "--template", "chatml",
                                 "--batch-size", "4", "--lr", "3e-3", "--max-len", "128", "--samples", "2",
