@@ -1,23 +1,41 @@
 """Text generation: greedy or sampled decoding (temperature, top-k, top-p) of a batch of prompts
-with a KV cache, stopping on end-of-sequence ids or stop strings; and a CLI to try any folder:
+with a KV cache, stopping on end-of-sequence ids or stop strings, at once or streamed token by
+token; and a CLI to try any folder:
 
-    python -m minituner.generate --model PATH --prompt "Once upon a time" [--prompt ...]
+    python -m minituner.generate --model PATH --prompt "Once upon a time" [--prompt ...] [--stream]
+    python -m minituner.generate --model RUN/model --chat --prompt "What is lamp spelled backwards?"
 
 Prompts of different lengths are left-padded: every row's next token then sits in the same
 column, and the attention mask and position ids make the padding invisible, so a prompt
 decodes the same alone or in a batch.
+
+--chat makes each prompt a user turn (after --system, if given) in the folder's chat template,
+tokenised exactly as sft.py tokenises the prompt part of a training example, and prints only
+the reply, which ends at the template's end-of-turn token. An interactive conversation is
+minituner/chat.py.
+
+Streaming. Token ids become text one at a time (TextStream): a piece is handed out once it is
+final, i.e. once the ids decoded so far do not end inside a multi-byte character (a byte-level
+BPE token can hold part of one; the decoder writes U+FFFD for it until the rest arrives), and
+each piece is the difference between decoding a short window of ids and decoding the window
+without the new ones, so that a SentencePiece "▁" gives its space only where the whole text
+has it. The pieces join to the text decoded at once.
 """
 
 import argparse
 import sys
+from collections.abc import Iterator
 
 import torch
 
+from minituner.chat_template import template_text
 from minituner.distributed import use_device
 from minituner.errors import UserError, run_command
 from minituner.hf.folder import load_pretrained
 from minituner.model import KVCache, Transformer
 from minituner.precision import POLICIES, auto_dtype
+from minituner.sft import prompt_ids
+from minituner.templates import MODEL, TEMPLATES, check_template, default_template, stop_ids
 from minituner.tokenizer import Tokenizer
 
 
@@ -34,19 +52,48 @@ def generate(
     stop_strings=(),
     tokenizer: Tokenizer | None = None,
     seed: int | None = None,
+    generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
     """New token ids for each prompt (a list of ids), ending with the stop id that ended it, if any.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
     restricted to the top_k most likely (0 = all) and to the smallest set whose probability
-    reaches top_p (1.0 = all). stop_strings need the tokenizer to see text. use_cache=False
-    recomputes the whole sequence at every step (a reference for the cached path).
+    reaches top_p (1.0 = all), drawn from `generator`, or one seeded with `seed`. stop_strings
+    need the tokenizer to see text. use_cache=False recomputes the whole sequence at every step
+    (a reference for the cached path).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UserError("every prompt needs at least one token")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
+    steps = decode_steps(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, generator=_generator(model, seed, generator), use_cache=use_cache)
+    device = model.embed_tokens.weight.device
+    B = len(prompts)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, N) the new tokens
+    produced = torch.zeros(B, dtype=torch.long, device=device)  # (B,) how many of them each row keeps
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for i, token in enumerate(steps):
+        out[:, i] = token
+        produced += ~done  # a finished row keeps decoding in step with the batch; its tokens are dropped
+        done |= torch.isin(token, stop)
+        if stop_strings:
+            recent = out[:, max(0, i + 1 - _stop_window(stop_strings)):i + 1].tolist()
+            done |= torch.tensor([_hit_stop_string(row, stop_strings, tokenizer) for row in recent], device=device)
+        if done.all():  # the loop's one wait for the device per token
+            break
+    rows, lengths = out.tolist(), produced.tolist()
+    return [row[:n] for row, n in zip(rows, lengths)]
+
+
+def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Each step's next token of every prompt, a (B,) tensor on the model's device, for up to
+    max_new_tokens steps; the model runs for the next step only when it is asked for, so a
+    caller stops decoding by stopping the iteration."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
     device = model.embed_tokens.weight.device
     B, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
@@ -55,30 +102,27 @@ def generate(
                         f"{model.config.max_seq_len} learned positions")
     ids, real = left_pad(prompts, device)  # (B, L) each
     mask = None if all(len(p) == longest for p in prompts) else real  # (B, S) while generating, or None
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     cache = KVCache(model.config, B, total, device, model.embed_tokens.weight.dtype) if use_cache else None
-
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, N) the new tokens
-    produced = torch.zeros(B, dtype=torch.long, device=device)  # (B,) how many of them each row keeps
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-        out[:, i] = token
-        produced += ~done  # a finished row keeps decoding in step with the batch; its tokens are dropped
-        done |= torch.isin(token, stop)
-        if stop_strings:
-            done |= _hit_stop_string(out[:, :i + 1], stop_strings, tokenizer)
-        if done.all():  # the loop's one wait for the device per token
-            break
+        yield token
+        if i == max_new_tokens - 1:
+            return
         ids = torch.cat([ids, token[:, None]], dim=1)  # (B, S)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, S)
         step_ids = token[:, None] if use_cache else ids  # (B, 1) or (B, S)
-        logits = model(step_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
-    rows, lengths = out.tolist(), produced.tolist()
-    return [row[:n] for row, n in zip(rows, lengths)]
+        with torch.no_grad():
+            logits = model(step_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+
+
+def _generator(model: Transformer, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """`generator` if given, else one seeded with `seed` on the model's device, else None (torch's global one)."""
+    if generator is not None or seed is None:
+        return generator
+    return torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
 
 
 def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,42 +156,143 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-def _hit_stop_string(new: torch.Tensor, stop_strings, tokenizer: Tokenizer) -> torch.Tensor:
-    """Rows of the new tokens (B, n) whose text now contains a stop string. Only the recent
-    tokens are decoded; a row that has already stopped may hold anything after its end, but it
-    is done whatever this says."""
-    window = 4 * max(len(s) for s in stop_strings) + 4  # a character spans at most 4 byte-level tokens
-    hits = [any(s in tokenizer.decode(row, skip_special_tokens=False) for s in stop_strings)
-            for row in new[:, -window:].tolist()]
-    return torch.tensor(hits, dtype=torch.bool, device=new.device)
+def _stop_window(stop_strings) -> int:
+    """How many of the newest tokens can hold a stop string: a character spans at most 4
+    byte-level tokens."""
+    return 4 * max(len(s) for s in stop_strings) + 4
+
+
+def _hit_stop_string(recent: list[int], stop_strings, tokenizer: Tokenizer) -> bool:
+    """Whether the text of a row's newest tokens contains a stop string (special tokens written
+    out, so that a stop string may name one). A row that has already stopped may hold anything
+    after its end, but it is done whatever this says."""
+    text = tokenizer.decode(recent, skip_special_tokens=False)
+    return any(s in text for s in stop_strings)
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """`text` up to the first stop string in it."""
+    for s in stop_strings:
+        text = text.split(s, 1)[0]
+    return text
+
+
+def completions(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], *, stop_ids=(),
+                stop_strings=(), **options) -> list[str]:
+    """The text each token-id prompt is continued with, without the stop token that ended it and
+    cut before any stop string."""
+    outputs = generate(model, prompts, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, **options)
+    return [cut_at_stop(tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids), stop_strings)
+            for ids in outputs]
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *, stop_strings=(),
                   stop_on_eos: bool = True, add_special_tokens: bool = True, **options) -> list[str]:
     """Completions of text prompts, cut before any stop string and without the stop token."""
     prompt_ids = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
-    stop_ids = tokenizer.stop_ids if stop_on_eos else ()
-    outputs = generate(model, prompt_ids, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, **options)
-    texts = []
-    for ids in outputs:
-        if ids and ids[-1] in stop_ids:
-            ids = ids[:-1]
-        text = tokenizer.decode(ids)
-        for s in stop_strings:
-            text = text.split(s, 1)[0]
-        texts.append(text)
-    return texts
+    return completions(model, tokenizer, prompt_ids, stop_ids=tokenizer.stop_ids if stop_on_eos else (),
+                       stop_strings=stop_strings, **options)
 
 
 def greedy_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], stops, max_new_tokens: int,
                  batch_size: int = 64) -> list[str]:
     """Greedy continuations of token-id prompts, `batch_size` at a time, as text without the
     token that ended them."""
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        outputs = generate(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=stops)
-        texts += [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in outputs]
-    return texts
+    return [text for i in range(0, len(prompts), batch_size)
+            for text in completions(model, tokenizer, prompts[i:i + batch_size], stop_ids=stops,
+                                    max_new_tokens=max_new_tokens)]
+
+
+# ----------------------------------------------------------------------------- streaming
+class TextStream:
+    """The text of token ids given one at a time, handed out in pieces as soon as they are final
+    (see the module docstring); with stop strings, held back while a stop string may still be
+    completing and cut before the first one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings=()):
+        self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
+        self.hold = max(map(len, self.stop_strings), default=1) - 1  # characters a stop string may still claim
+        self.ids: list[int] = []
+        self.start = self.read = 0  # ids[start:read] decode to the end of the final text, ids[read:] are pending
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, token_id: int) -> str:
+        """Add the next id; the text that became final with it ("" if none)."""
+        self.ids.append(token_id)
+        settled, window = self._window()
+        if len(window) > len(settled) and not window.endswith("\ufffd"):  # not inside a character
+            self._settle(settled, window)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text, once no more ids come."""
+        self._settle(*self._window())
+        return self._release(final=True)
+
+    def _window(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        return decode(self.ids[self.start:self.read]), decode(self.ids[self.start:])
+
+    def _settle(self, settled: str, window: str) -> None:
+        self.text += window[len(settled):]
+        self.start, self.read = self.read, len(self.ids)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        found = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
+        end = min(found) if found else len(self.text) if final else len(self.text) - self.hold
+        self.stopped = bool(found)
+        piece = self.text[self.sent:max(self.sent, end)]
+        self.sent += len(piece)
+        return piece
+
+
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: list[int], *, stop_ids=(), stop_strings=(),
+                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                seed: int | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
+    """completions() of one prompt, piece by piece as it is generated: the pieces join to the same
+    text for the same settings (a seeded sample included). Stopping the iteration stops decoding."""
+    stop_ids = set(stop_ids)
+    text, recent = TextStream(tokenizer, stop_strings), []
+    for token in decode_steps(model, [prompt], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, generator=_generator(model, seed, generator)):
+        token_id = token.item()  # the host needs each id to print it
+        if token_id in stop_ids:
+            break
+        piece = text.push(token_id)
+        if piece:
+            yield piece
+        if stop_strings:  # as generate() stops: the newest tokens' text, special tokens written out
+            recent = (recent + [token_id])[-_stop_window(stop_strings):]
+            if _hit_stop_string(recent, stop_strings, tokenizer):
+                break
+        if text.stopped:
+            break
+    rest = text.finish()
+    if rest:
+        yield rest
+
+
+# ----------------------------------------------------------------------------- chat turns
+def chat_format(tokenizer: Tokenizer, template: str | None) -> str:
+    """The template a conversation with this model is written in: `template` if given (one of
+    minituner's, or "model"), else the folder's own chat template, which for a model tuned here
+    names the format it was tuned in (templates.default_template)."""
+    if template is None:
+        if template_text(tokenizer) is None:
+            folder = tokenizer.folder or "the model folder"
+            raise UserError(f"{folder}: no chat template (chat_template.jinja, or \"chat_template\" in "
+                            f"tokenizer_config.json) to write a chat turn in; choose one with --template "
+                            f"({', '.join(TEMPLATES)})")
+        template = default_template(tokenizer)
+    check_template(template, tokenizer)
+    return template
+
+
+def chat_conversation(message: str, system: str | None = None) -> list[dict]:
+    """One user turn, after a system message if there is one."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -157,46 +302,86 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return auto_dtype(device) if name == "auto" else POLICIES[name]
 
 
+def add_decoding_flags(p: argparse.ArgumentParser, max_new_tokens: int | None, help_default: str = "") -> None:
+    """The flags generate and chat share: sampling, stops, hardware."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens to generate at most per reply{help_default}")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (nucleus)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop when this string appears; repeatable")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence or end-of-turn tokens")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", *POLICIES],
+                   help="auto = bf16 on GPUs that have it, else fp16; fp32 on CPU")
+
+
+def check_decoding_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if any(not s for s in args.stop):
+        p.error("--stop needs a non-empty string")
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    """The decoding flags as keyword arguments of generate() and stream_text()."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, stop_strings=args.stop)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minituner.generate", description="Generate text with a model folder.")
     # what to run
     p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat the flag for a batch")
     p.add_argument("--no-special-tokens", action="store_true", help="do not add the model's BOS to the prompts")
-    # decoding
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (nucleus)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop when this string appears; repeatable")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
-    # hardware
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES],
-                   help="auto = bf16 on GPUs that have it, else fp16; fp32 on CPU")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated, one prompt at a time")
+    # chat
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user turn in the model's chat template; print only the reply")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before the turn")
+    p.add_argument("--template", default=None, metavar="NAME",
+                   help=f"with --chat: write the turn in this template ({MODEL}, {', '.join(TEMPLATES)}) instead of "
+                        "the folder's own")
+    add_decoding_flags(p, max_new_tokens=64)
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
-    if any(not s for s in args.stop):
-        p.error("--stop needs a non-empty string")
+    check_decoding_flags(p, args)
+    if not args.chat and (args.system is not None or args.template is not None):
+        p.error("--system and --template are for chat turns: add --chat")
+    if args.chat and args.no_special_tokens:
+        p.error("--no-special-tokens is for plain prompts: a chat template writes its own special tokens")
     return args
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    if args.chat and not all(p.strip() for p in args.prompt):
+        raise UserError("--prompt: an empty chat turn; give the message to answer")
     device = use_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_pretrained(args.model, device=device, dtype=dtype)
-    texts = generate_text(model, tokenizer, args.prompt, stop_strings=args.stop, stop_on_eos=not args.ignore_eos,
-                          add_special_tokens=not args.no_special_tokens, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}")
-        if len(args.prompt) > 1:
-            print("-" * 40)
+    model, tokenizer = load_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    if args.chat:
+        template = chat_format(tokenizer, args.template)
+        prompts = [prompt_ids(chat_conversation(p, args.system), tokenizer, template) for p in args.prompt]
+        stops = stop_ids(template, tokenizer)
+    else:
+        prompts = [tokenizer.encode(p, add_special_tokens=not args.no_special_tokens) for p in args.prompt]
+        stops = tokenizer.stop_ids
+    stops = () if args.ignore_eos else stops
+    heads = [""] * len(prompts) if args.chat else args.prompt  # plain text is printed after its prompt
+    if args.stream:
+        for n, (head, prompt) in enumerate(zip(heads, prompts)):
+            print(("-" * 40 + "\n" if n else "") + head, end="", flush=True)
+            for piece in stream_text(model, tokenizer, prompt, stop_ids=stops, seed=args.seed, **sampling(args)):
+                print(piece, end="", flush=True)
+            print()
+        return 0
+    texts = completions(model, tokenizer, prompts, stop_ids=stops, seed=args.seed, **sampling(args))
+    print(("\n" + "-" * 40 + "\n").join(head + text for head, text in zip(heads, texts)))
     return 0
 
 

@@ -163,7 +163,7 @@ def n_prefix(ids: list[int], tokenizer) -> int:
 def _truncate(conversation, tokenizer, template, max_len, ids, trained) -> tuple[list[int], list[bool]]:
     """ids, trained shortened to max_len in the module docstring's order."""
     while len(ids) > max_len:
-        shorter = _without_first_exchange(conversation)
+        shorter = without_first_exchange(conversation)
         if shorter is None:
             break
         conversation = shorter
@@ -177,7 +177,7 @@ def _truncate(conversation, tokenizer, template, max_len, ids, trained) -> tuple
     return ids[:max_len], trained[:max_len]
 
 
-def _without_first_exchange(conversation: list[dict]) -> list[dict] | None:
+def without_first_exchange(conversation: list[dict]) -> list[dict] | None:
     """The conversation without its oldest exchange, the system message kept; None if it has only
     one (an exchange runs from a user message up to the next user message after an answer)."""
     start = 1 if conversation[0]["role"] == "system" else 0

@@ -111,3 +111,21 @@ def test_decoding_waits_for_the_device_once_per_token(loaded, monkeypatch):
     out = generate(model, batch, max_new_tokens=10, stop_ids=[-1])  # no stop: every step decodes
     assert [len(row) for row in out] == [10, 10, 10]
     assert len(reads) <= 10 + 2, reads
+
+
+@pytest.mark.parametrize("flags", [["--prompt", "The cat", "--prompt", "Hello"],
+                                   ["--prompt", "Once", "--temperature", "0.8", "--top-k", "40", "--seed", "2"]])
+def test_cli_stream_prints_what_generation_at_once_prints(capsys, flags):
+    """--stream decodes one prompt at a time: greedy, a batch streams as it decodes at once; a
+    sampled prompt draws the same tokens from the same seed."""
+    argv = ["--model", str(FIXTURES / "llama-tiny"), "--max-new-tokens", "12", *flags]
+    assert main(argv) == 0
+    at_once = capsys.readouterr().out
+    assert main(argv + ["--stream"]) == 0
+    assert capsys.readouterr().out == at_once and at_once.startswith(flags[1])
+
+
+def test_cli_chat_flags_need_chat(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(FIXTURES / "llama-tiny"), "--prompt", "hi", "--system", "Be brief."])
+    assert exit_info.value.code == 2 and "add --chat" in capsys.readouterr().err

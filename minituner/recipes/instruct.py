@@ -16,6 +16,7 @@ folder: the tuned model, LoRA merged in) and, for LoRA, adapter/ (a PEFT folder)
 """
 
 import argparse
+import shlex
 import sys
 from datetime import datetime
 from functools import partial
@@ -184,6 +185,9 @@ def run(argv=None) -> int:
         if scores_before:
             print_table("held-out exact match", [(f"{name} ({s['n']})", f"{s['before']:.1%}", f"{s['after']:.1%}")
                                                  for name, s in summary["exact_match"].items()])
+        for path, _, _ in written:
+            if Path(path).name == "model":
+                print(f"\nchat with it: python -m minituner.chat --model {shlex.quote(str(path))}")
     shutdown(runtime)
     return 0
 

@@ -66,6 +66,7 @@ def test_lora_run_writes_a_complete_run_folder(tmp_path, data, capsys):
     assert (out / "model" / "chat_template.jinja").read_text().startswith("{# minituner template: chatml #}")
     printed = capsys.readouterr().out
     assert "trainable params:" in printed and "validation loss" in printed and "--- after" in printed
+    assert printed.rstrip().endswith(f"chat with it: python -m minituner.chat --model {out / 'model'}")
 
 
 def test_full_run_exports_the_float32_weights_of_its_last_checkpoint(tmp_path, data):
