@@ -55,24 +55,21 @@ class Chat:
     def reply(self, message: str, write) -> str:
         """Answer `message`, each piece passed to write() as it comes; the answer, as far as it got
         if Ctrl-C stopped it (it then re-raises KeyboardInterrupt). The message and the answer join
-        the conversation; a message the context cannot hold is refused with a UserError."""
+        the conversation; a message the context cannot hold is refused with a UserError, and a
+        turn stopped before any text leaves the conversation as it was."""
+        before, pieces = list(self.messages), []
         self.messages.append({"role": "user", "content": message})
         try:
             prompt = self._fit()
-        except UserError:
-            self.messages.pop()
-            raise
-        pieces = []
-        try:
             for piece in stream_text(self.model, self.tokenizer, prompt, stop_ids=self.stops, generator=self.generator,
                                      **self.options):
-                pieces.append(piece)
                 write(piece)
-        except KeyboardInterrupt:  # what was printed is what the model said; if nothing, the turn did not happen
-            if pieces:
-                self.messages.append({"role": "assistant", "content": "".join(pieces)})
-            else:
-                self.messages.pop()
+                pieces.append(piece)
+        except BaseException:
+            if not pieces:
+                self.messages = before
+                raise
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})  # what was printed was said
             raise
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
         return "".join(pieces)
@@ -85,8 +82,9 @@ class Chat:
         while len(ids) > self.budget:
             conversation = without_first_exchange(conversation)
             if conversation is None:
-                raise UserError(f"the message does not fit: with the system message it takes {len(ids)} tokens, and "
-                                f"the model's context of {self.model.config.max_seq_len} leaves {self.budget} beside "
+                alone = "with the system message" if self.system else "alone"
+                raise UserError(f"the message does not fit: {alone} it takes {len(ids)} tokens, and the model's "
+                                f"context of {self.model.config.max_seq_len} leaves {self.budget} beside "
                                 f"--max-new-tokens {self.options['max_new_tokens']}")
             ids = prompt_ids(conversation, self.tokenizer, self.template)
         self.messages = conversation[1:] if self.system else conversation
@@ -100,9 +98,9 @@ def session(chat: Chat, read, write, note) -> None:
         try:
             line = read().strip()
         except EOFError:  # Ctrl-D
-            write("\n")
             return
         except KeyboardInterrupt:  # at the prompt: a fresh line, the chat goes on
+            write("\n")
             note("(Ctrl-D or /exit ends the chat)")
             continue
         if not line:
@@ -160,6 +158,8 @@ def run(argv=None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     session(chat, lambda: input("> " if interactive else ""), write, note)
+    if interactive:
+        print()  # after Ctrl-D, the shell's prompt on a line of its own
     return 0
 
 

@@ -23,6 +23,7 @@ has it. The pieces join to the text decoded at once.
 """
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 
@@ -37,6 +38,9 @@ from minituner.precision import POLICIES, auto_dtype
 from minituner.sft import prompt_ids
 from minituner.templates import MODEL, TEMPLATES, check_template, default_template, stop_ids
 from minituner.tokenizer import Tokenizer
+
+
+CONTEXT_TOKENS = 4  # a prompt's last tokens, decoded with its continuation (decode_after)
 
 
 @torch.no_grad()
@@ -177,13 +181,24 @@ def cut_at_stop(text: str, stop_strings) -> str:
     return text
 
 
+def decode_after(tokenizer: Tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text of `ids` where they follow `context`: a SentencePiece decoder drops the space of a
+    text's first word ("▁time" alone is "time"), which after "Once upon a" is the one between them."""
+    return tokenizer.decode(list(context) + list(ids))[len(tokenizer.decode(list(context))):]
+
+
 def completions(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], *, stop_ids=(),
-                stop_strings=(), **options) -> list[str]:
+                stop_strings=(), after_prompt: bool = False, **options) -> list[str]:
     """The text each token-id prompt is continued with, without the stop token that ended it and
-    cut before any stop string."""
+    cut before any stop string; after_prompt: as the continuation of the prompt's text (plain
+    text), not as a text of its own (a reply after a chat template's header)."""
     outputs = generate(model, prompts, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, **options)
-    return [cut_at_stop(tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids), stop_strings)
-            for ids in outputs]
+    texts = []
+    for prompt, ids in zip(prompts, outputs):
+        ids = ids[:-1] if ids and ids[-1] in stop_ids else ids
+        text = decode_after(tokenizer, prompt[-CONTEXT_TOKENS:], ids) if after_prompt else tokenizer.decode(ids)
+        texts.append(cut_at_stop(text, stop_strings))
+    return texts
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *, stop_strings=(),
@@ -191,7 +206,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], 
     """Completions of text prompts, cut before any stop string and without the stop token."""
     prompt_ids = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
     return completions(model, tokenizer, prompt_ids, stop_ids=tokenizer.stop_ids if stop_on_eos else (),
-                       stop_strings=stop_strings, **options)
+                       stop_strings=stop_strings, after_prompt=True, **options)
 
 
 def greedy_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], stops, max_new_tokens: int,
@@ -204,23 +219,27 @@ def greedy_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
 
 
 # ----------------------------------------------------------------------------- streaming
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte of SentencePiece's byte fallback, as the vocabulary names it
 class TextStream:
     """The text of token ids given one at a time, handed out in pieces as soon as they are final
     (see the module docstring); with stop strings, held back while a stop string may still be
-    completing and cut before the first one."""
+    completing and cut before the first one. `context`: ids the text follows (decode_after)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings=()):
+    def __init__(self, tokenizer: Tokenizer, stop_strings=(), context=()):
         self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
         self.hold = max(map(len, self.stop_strings), default=1) - 1  # characters a stop string may still claim
-        self.ids: list[int] = []
-        self.start = self.read = 0  # ids[start:read] decode to the end of the final text, ids[read:] are pending
+        self.ids: list[int] = list(context)
+        self.start, self.read = 0, len(self.ids)  # ids[start:read] decode up to the final text's end; ids[read:] wait
         self.text, self.sent, self.stopped = "", 0, False
 
     def push(self, token_id: int) -> str:
         """Add the next id; the text that became final with it ("" if none)."""
         self.ids.append(token_id)
         settled, window = self._window()
-        if len(window) > len(settled) and not window.endswith("\ufffd"):  # not inside a character
+        # not inside a character, and not after a byte token (SentencePiece's byte fallback, <0xE6>): the
+        # decoder writes a run of them as text only once the run is whole, and as U+FFFD per byte if it never is
+        if (len(window) > len(settled) and not window.endswith("\ufffd")
+                and not BYTE_TOKEN.fullmatch(self.tokenizer.id_to_token(token_id) or "")):
             self._settle(settled, window)
         return self._release(final=False)
 
@@ -249,12 +268,13 @@ class TextStream:
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: list[int], *, stop_ids=(), stop_strings=(),
-                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
+                after_prompt: bool = False, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, seed: int | None = None,
+                generator: torch.Generator | None = None) -> Iterator[str]:
     """completions() of one prompt, piece by piece as it is generated: the pieces join to the same
     text for the same settings (a seeded sample included). Stopping the iteration stops decoding."""
     stop_ids = set(stop_ids)
-    text, recent = TextStream(tokenizer, stop_strings), []
+    text, recent = TextStream(tokenizer, stop_strings, prompt[-CONTEXT_TOKENS:] if after_prompt else ()), []
     for token in decode_steps(model, [prompt], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, generator=_generator(model, seed, generator)):
         token_id = token.item()  # the host needs each id to print it
@@ -368,21 +388,29 @@ def run(argv=None) -> int:
         template = chat_format(tokenizer, args.template)
         prompts = [prompt_ids(chat_conversation(p, args.system), tokenizer, template) for p in args.prompt]
         stops = stop_ids(template, tokenizer)
+        check_context(model, max(map(len, prompts)), args.max_new_tokens)
     else:
         prompts = [tokenizer.encode(p, add_special_tokens=not args.no_special_tokens) for p in args.prompt]
         stops = tokenizer.stop_ids
-    stops = () if args.ignore_eos else stops
-    heads = [""] * len(prompts) if args.chat else args.prompt  # plain text is printed after its prompt
-    if args.stream:
-        for n, (head, prompt) in enumerate(zip(heads, prompts)):
-            print(("-" * 40 + "\n" if n else "") + head, end="", flush=True)
-            for piece in stream_text(model, tokenizer, prompt, stop_ids=stops, seed=args.seed, **sampling(args)):
+    options = dict(stop_ids=() if args.ignore_eos else stops, after_prompt=not args.chat, seed=args.seed,
+                   **sampling(args))
+    for n, (text, prompt) in enumerate(zip(args.prompt, prompts)):
+        # each prompt alone, seeded alike, so that its text is the same streamed or not
+        print(("-" * 40 + "\n" if n else "") + ("" if args.chat else text), end="", flush=True)
+        if args.stream:
+            for piece in stream_text(model, tokenizer, prompt, **options):
                 print(piece, end="", flush=True)
             print()
-        return 0
-    texts = completions(model, tokenizer, prompts, stop_ids=stops, seed=args.seed, **sampling(args))
-    print(("\n" + "-" * 40 + "\n").join(head + text for head, text in zip(heads, texts)))
+        else:
+            print(completions(model, tokenizer, [prompt], **options)[0])
     return 0
+
+
+def check_context(model: Transformer, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A UserError if a prompt and its reply would not fit in the model's context."""
+    if prompt_tokens + max_new_tokens > model.config.max_seq_len:
+        raise UserError(f"the chat turn takes {prompt_tokens} tokens; with --max-new-tokens {max_new_tokens} it does "
+                        f"not fit in the model's context of {model.config.max_seq_len}")
 
 
 def main(argv=None) -> int:

@@ -140,13 +140,17 @@ def tokenize_segments(segments, tokenizer) -> tuple[list[int], list[bool]]:
 
 def prompt_ids(conversation: list[dict], tokenizer, template: str) -> list[int]:
     """Token ids a model continues to answer `conversation` (see templates.generation_prompt; for
-    the model's template, its rendering with add_generation_prompt), tokenised as in training."""
+    the model's template, its rendering with add_generation_prompt), tokenised as in training.
+
+    With the model's template, training tokenises prompt and answer as one text, so a space that
+    ends the prompt ("Answer: ") is part of the answer's first token (" Paris"), which trains: the
+    model learnt to continue the prompt before that space, and is prompted so."""
     if template == MODEL:
         if conversation and conversation[-1]["role"] == "assistant":
             conversation = conversation[:-1]
         messages, tools = chat_template.hf_messages(conversation)
         text = chat_template.render(tokenizer, messages, tools=tools, add_generation_prompt=True)
-        return tokenizer.encode_with_offsets(text)[0]
+        return tokenizer.encode_with_offsets(text[:-1] if text.endswith(" ") else text)[0]
     return tokenize_segments(generation_prompt(conversation, template), tokenizer)[0]
 
 

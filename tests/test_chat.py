@@ -7,18 +7,28 @@ import shutil
 
 import pytest
 import torch
+from tokenizers import Tokenizer as Backend
 from tokenizers import decoders
 
 from conftest import FIXTURES, sentencepiece_like
 from minituner import chat as chat_module
 from minituner import generate as generate_module
 from minituner.chat import Chat, session
-from minituner.generate import TextStream, chat_conversation, chat_format, completions, cut_at_stop, stream_text
+from minituner.generate import (
+    TextStream,
+    chat_conversation,
+    chat_format,
+    completions,
+    cut_at_stop,
+    decode_after,
+    stream_text,
+)
 from minituner.hf.folder import load_pretrained
 from minituner.loss import IGNORE_INDEX
 from minituner.recipes import instruct as train_instruct
 from minituner.sft import build_example, prompt_ids
 from minituner.templates import MODEL
+from minituner.tokenizer import Tokenizer
 
 QUESTION = "Say the number 2."
 
@@ -43,9 +53,10 @@ def loaded(tuned):
 
 
 def prompt_part(example: dict) -> list[int]:
-    """A training example's ids before its first trained token."""
-    first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
-    return example["input_ids"][:first]
+    """A training example's ids before its last answer: before the last run of trained tokens."""
+    trained = [label != IGNORE_INDEX for label in example["labels"]]
+    start = max(i for i in range(len(trained)) if trained[i] and (i == 0 or not trained[i - 1]))
+    return example["input_ids"][:start]
 
 
 def test_chat_turns_are_written_as_training_wrote_them(loaded, tmp_path):
@@ -59,15 +70,22 @@ def test_chat_turns_are_written_as_training_wrote_them(loaded, tmp_path):
                                    max_len=128)
         assert prompt_ids(conversation, tokenizer, "chatml") == prompt_part(example)
 
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (FIXTURES / "chat_templates").iterdir()))
+def test_chat_turns_in_a_folders_own_template_are_written_as_training_wrote_them(tmp_path, template):
+    """The folder's Jinja template, whatever its generation prompt ends with: a space before the
+    answer ("Answer: "), which training tokenises with the answer's first word, stays out."""
     own = tmp_path / "own"
     shutil.copytree(FIXTURES / "llama-tiny", own)
-    (own / "chat_template.jinja").write_text((FIXTURES / "chat_templates" / "chatml-tools.jinja").read_text())
+    (own / "chat_template.jinja").write_text((FIXTURES / "chat_templates" / template).read_text())
     _, tokenizer = load_pretrained(own)
     assert chat_format(tokenizer, None) == MODEL
-    conversation = chat_conversation(QUESTION)
-    example, _ = build_example(conversation + [{"role": "assistant", "content": "2 2 2"}], tokenizer, MODEL,
-                               max_len=128)
-    assert prompt_ids(conversation, tokenizer, MODEL) == prompt_part(example)
+    earlier = [{"role": "user", "content": "Say the number 1."}, {"role": "assistant", "content": "one"}]
+    for conversation in (chat_conversation(QUESTION), earlier + chat_conversation(QUESTION)):
+        example, _ = build_example(conversation + [{"role": "assistant", "content": "two two"}], tokenizer, MODEL,
+                                   max_len=1024)
+        assert prompt_ids(conversation, tokenizer, MODEL) == prompt_part(example)
 
 
 def test_generate_chat_prints_only_the_reply_which_ends_at_the_end_of_turn_token(tuned, loaded, monkeypatch, capsys):
@@ -103,29 +121,75 @@ def test_streamed_text_is_the_text_generated_at_once(fixture):
     assert "".join(pieces) == cut == cut_at_stop(whole, [stop]) and len(pieces) > 1
 
 
-def spm_tokenizer(shakespeare: str, style: str):
-    """A SentencePiece-style tokenizer ("▁" for spaces, one before the text) whose decoder drops
-    the text's first space: Metaspace's (Mistral, converted Llama), or Llama 2's Strip."""
-    tokenizer = sentencepiece_like(shakespeare, "first" if style == "metaspace" else "prepend")
-    tokenizer.backend.decoder = (decoders.Metaspace(prepend_scheme="first") if style == "metaspace" else
-                                 decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)]))
-    return tokenizer
+def spm_tokenizer(shakespeare: str, style: str) -> Tokenizer:
+    """A SentencePiece-style tokenizer ("▁" for spaces, one before the text) with byte fallback (a
+    character outside the vocabulary is written as its UTF-8 bytes, <0xE6><0x97><0xA5>), whose
+    decoder drops the text's first space: Metaspace's (Mistral, converted Llama), or Llama 2's."""
+    trained = sentencepiece_like(shakespeare, "first" if style == "metaspace" else "prepend")
+    spec = json.loads(trained.backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    backend = Backend.from_str(json.dumps(spec))
+    backend.decoder = (decoders.Sequence([decoders.Metaspace(prepend_scheme="first"), decoders.ByteFallback(),
+                                          decoders.Fuse()]) if style == "metaspace" else
+                       decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                          decoders.Strip(" ", 1, 0)]))
+    return Tokenizer(backend, bos_id=trained.bos_id, eos_id=trained.eos_id, pad_id=trained.pad_id)
 
 
-@pytest.mark.parametrize("fixture", ["llama-tiny", "gpt2-tiny", "qwen2-tiny", "metaspace", "strip"])
-def test_text_stream_never_splits_a_character(fixture, shakespeare):
-    if fixture in ("metaspace", "strip"):
-        tokenizer = spm_tokenizer(shakespeare, fixture)
-    else:
-        _, tokenizer = load_pretrained(FIXTURES / fixture)
+TOKENIZERS = ["llama-tiny", "gpt2-tiny", "qwen2-tiny", "metaspace", "strip"]  # byte-level BPE, SentencePiece-style
+
+
+def tokenizer_named(name: str, shakespeare: str) -> Tokenizer:
+    return spm_tokenizer(shakespeare, name) if name in ("metaspace", "strip") else load_pretrained(FIXTURES / name)[1]
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_text_stream_never_splits_a_character(name, shakespeare):
+    tokenizer = tokenizer_named(name, shakespeare)
     text = "naïve café — 日本語で話す 🙂🙂 done, my lord: good  night"
     ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text  # every character is there, through bytes where need be
     stream = TextStream(tokenizer)
     pieces = [stream.push(i) for i in ids] + [stream.finish()]
-    assert "".join(pieces) == tokenizer.decode(ids)
+    assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert sum(bool(p) for p in pieces) > len(text.split())  # it streamed, not all at the end
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_text_stream_joins_to_the_decoded_text_of_any_ids(name, shakespeare):
+    """Random ids, invalid UTF-8 among them (a byte run that never completes is one U+FFFD per
+    byte), each after a context of other ids: the pieces join to the text decode_after gives."""
+    tokenizer = tokenizer_named(name, shakespeare)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        ids = torch.randint(0, tokenizer.vocab_size, (24,), generator=generator).tolist()
+        context, new = ids[:4], ids[4:]
+        stream = TextStream(tokenizer, context=context)
+        pieces = [stream.push(i) for i in new] + [stream.finish()]
+        assert "".join(pieces) == decode_after(tokenizer, context, new)
+    byte = tokenizer.token_to_id("<0xC3>")
+    if byte is not None:  # "ï" then a stray continuation byte: the valid "ï" must not be released early
+        ids = tokenizer.encode("n", add_special_tokens=False) + [byte, tokenizer.token_to_id("<0xAF>"),
+                                                                 tokenizer.token_to_id("<0xAF>")]
+        stream = TextStream(tokenizer)
+        assert "".join([stream.push(i) for i in ids] + [stream.finish()]) == tokenizer.decode(ids)
+
+
+def test_a_continuation_keeps_the_space_after_its_prompt(shakespeare):
+    """A SentencePiece decoder drops a text's first space: the words after "Once upon a" are
+    decoded after the prompt's last tokens, streamed or not."""
+    tokenizer = spm_tokenizer(shakespeare, "strip")
+    ids = tokenizer.encode("Once upon a time there", add_special_tokens=False)
+    cut = next(k for k in range(len(ids)) if tokenizer.decode(ids[:k]) == "Once upon a")
+    prompt, new = ids[:cut], ids[cut:]
+    assert tokenizer.decode(new) == "time there"  # alone, the space is lost
+    assert decode_after(tokenizer, prompt[-4:], new) == " time there"
+    stream = TextStream(tokenizer, context=prompt[-4:])
+    assert "".join([stream.push(i) for i in new] + [stream.finish()]) == " time there"
 
 
 def test_text_stream_holds_back_what_may_start_a_stop_string():
@@ -191,14 +255,18 @@ def test_ctrl_c_stops_the_reply_not_the_chat(loaded):
         return item
 
     def write(text):
-        written.append(text)
-        if len(written) == 2 and len(chat.messages) == 1:  # Ctrl-C once the first reply has begun
+        if len(written) == 1 and len(chat.messages) == 1:  # Ctrl-C once the first reply has begun
             raise KeyboardInterrupt
-    session(chat, read, write, notes.append)
+        written.append(text)
+    session(chat, read, write, notes.append)  # returns at Ctrl-D
     assert notes[0] == "(stopped)" and notes[1].startswith("(Ctrl-D")  # a stopped reply, Ctrl-C at the prompt
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
-    assert chat.messages[1]["content"] == "".join(written[:2])  # what was printed stays in the conversation
-    assert written[-1] == "\n"  # Ctrl-D ended it
+    assert chat.messages[1]["content"] == written[0]  # what was printed stays in the conversation
+
+    before = list(chat.messages)  # Ctrl-C before anything is printed: the turn did not happen
+    with pytest.raises(KeyboardInterrupt):
+        chat.reply("Say the number 3.", lambda text: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert chat.messages == before
 
 
 def test_the_oldest_exchanges_make_way_when_the_context_is_full(loaded):
@@ -206,11 +274,19 @@ def test_the_oldest_exchanges_make_way_when_the_context_is_full(loaded):
     room = model.config.max_seq_len - 60  # leaves 60 tokens of prompt
     chat = Chat(model, tokenizer, "chatml", system="Be brief.", max_new_tokens=room, temperature=0.0, top_k=0,
                 top_p=1.0, stop_strings=[])
+    history = []  # every exchange, kept here
     for n in range(6):
-        chat.reply(f"Say the number {n % 4}.", lambda text: None)
-        assert len(prompt_ids(chat.conversation()[:-1], tokenizer, "chatml")) <= 60
-    assert chat.conversation()[0] == {"role": "system", "content": "Be brief."}
-    assert len(chat.messages) < 12 and chat.messages[-2]["content"] == "Say the number 1."
+        history += [{"role": "user", "content": f"Say the number {n % 4}."}]
+        chat.reply(history[-1]["content"], lambda text: None)
+        history.append(chat.messages[-1])
+        kept = chat.conversation()[:-1]  # the prompt of this reply: the system message, the newest messages
+        n = len(kept) - 1
+        assert kept[0] == {"role": "system", "content": "Be brief."} and kept[1:] == history[-n - 1:-1]
+        assert len(prompt_ids(kept, tokenizer, "chatml")) <= 60
+        if n < len(history) - 1:  # exchanges were dropped: with one more, it would not have fitted
+            one_more = [kept[0], *history[-n - 3:-1]]
+            assert len(prompt_ids(one_more, tokenizer, "chatml")) > 60
+    assert len(chat.messages) < len(history)
     before = list(chat.messages)
     with pytest.raises(Exception, match="does not fit"):
         chat.reply("word " * 80, lambda text: None)
@@ -234,3 +310,9 @@ def test_chat_on_a_folder_without_a_template_is_one_line(capsys, monkeypatch):
     assert chat_module.main(["--model", str(FIXTURES / "llama-tiny")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no chat template" in err and "--template" in err
+
+
+def test_a_chat_turn_longer_than_the_context_is_one_line(tuned, capsys):
+    assert generate_module.main(["--model", tuned, "--chat", "--prompt", "word " * 60, "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit in the model's context of 256" in err
