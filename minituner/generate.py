@@ -12,24 +12,18 @@ decodes the same alone or in a batch.
 --chat makes each prompt a user turn (after --system, if given) in the folder's chat template,
 tokenised exactly as sft.py tokenises the prompt part of a training example, and prints only
 the reply, which ends at the template's end-of-turn token. An interactive conversation is
-minituner/chat.py.
-
-Streaming. Token ids become text one at a time (TextStream): a piece is handed out once it is
-final, i.e. once the ids decoded so far do not end inside a multi-byte character (a byte-level
-BPE token can hold part of one; the decoder writes U+FFFD for it until the rest arrives), and
-each piece is the difference between decoding a short window of ids and decoding the window
-without the new ones, so that a SentencePiece "▁" gives its space only where the whole text
-has it. The pieces join to the text decoded at once.
+minituner/chat.py. The CLI decodes each prompt on its own, seeded with --seed, so that its text
+is the same streamed or not; --stream prints each piece once it is final (detokenize.py).
 """
 
 import argparse
-import re
 import sys
 from collections.abc import Iterator
 
 import torch
 
 from minituner.chat_template import template_text
+from minituner.detokenize import TextStream, decode_after
 from minituner.distributed import use_device
 from minituner.errors import UserError, run_command
 from minituner.hf.folder import load_pretrained
@@ -39,8 +33,7 @@ from minituner.sft import prompt_ids
 from minituner.templates import MODEL, TEMPLATES, check_template, default_template, stop_ids
 from minituner.tokenizer import Tokenizer
 
-
-CONTEXT_TOKENS = 4  # a prompt's last tokens, decoded with its continuation (decode_after)
+CONTEXT_TOKENS = 4  # a prompt's last tokens, decoded with its continuation (detokenize.decode_after)
 
 
 @torch.no_grad()
@@ -181,12 +174,6 @@ def cut_at_stop(text: str, stop_strings) -> str:
     return text
 
 
-def decode_after(tokenizer: Tokenizer, context: list[int], ids: list[int]) -> str:
-    """The text of `ids` where they follow `context`: a SentencePiece decoder drops the space of a
-    text's first word ("▁time" alone is "time"), which after "Once upon a" is the one between them."""
-    return tokenizer.decode(list(context) + list(ids))[len(tokenizer.decode(list(context))):]
-
-
 def completions(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], *, stop_ids=(),
                 stop_strings=(), after_prompt: bool = False, **options) -> list[str]:
     """The text each token-id prompt is continued with, without the stop token that ended it and
@@ -219,54 +206,6 @@ def greedy_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
 
 
 # ----------------------------------------------------------------------------- streaming
-BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte of SentencePiece's byte fallback, as the vocabulary names it
-class TextStream:
-    """The text of token ids given one at a time, handed out in pieces as soon as they are final
-    (see the module docstring); with stop strings, held back while a stop string may still be
-    completing and cut before the first one. `context`: ids the text follows (decode_after)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop_strings=(), context=()):
-        self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
-        self.hold = max(map(len, self.stop_strings), default=1) - 1  # characters a stop string may still claim
-        self.ids: list[int] = list(context)
-        self.start, self.read = 0, len(self.ids)  # ids[start:read] decode up to the final text's end; ids[read:] wait
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def push(self, token_id: int) -> str:
-        """Add the next id; the text that became final with it ("" if none)."""
-        self.ids.append(token_id)
-        settled, window = self._window()
-        # not inside a character, and not after a byte token (SentencePiece's byte fallback, <0xE6>): the
-        # decoder writes a run of them as text only once the run is whole, and as U+FFFD per byte if it never is
-        if (len(window) > len(settled) and not window.endswith("\ufffd")
-                and not BYTE_TOKEN.fullmatch(self.tokenizer.id_to_token(token_id) or "")):
-            self._settle(settled, window)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """The rest of the text, once no more ids come."""
-        self._settle(*self._window())
-        return self._release(final=True)
-
-    def _window(self) -> tuple[str, str]:
-        decode = self.tokenizer.decode
-        return decode(self.ids[self.start:self.read]), decode(self.ids[self.start:])
-
-    def _settle(self, settled: str, window: str) -> None:
-        self.text += window[len(settled):]
-        self.start, self.read = self.read, len(self.ids)
-
-    def _release(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        found = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
-        end = min(found) if found else len(self.text) if final else len(self.text) - self.hold
-        self.stopped = bool(found)
-        piece = self.text[self.sent:max(self.sent, end)]
-        self.sent += len(piece)
-        return piece
-
-
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: list[int], *, stop_ids=(), stop_strings=(),
                 after_prompt: bool = False, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                 top_p: float = 1.0, seed: int | None = None,
@@ -358,7 +297,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minituner.generate", description="Generate text with a model folder.")
     # what to run
     p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat the flag for a batch")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat the flag for more")
     p.add_argument("--no-special-tokens", action="store_true", help="do not add the model's BOS to the prompts")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated, one prompt at a time")
     # chat

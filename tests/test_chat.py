@@ -14,15 +14,8 @@ from conftest import FIXTURES, sentencepiece_like
 from minituner import chat as chat_module
 from minituner import generate as generate_module
 from minituner.chat import Chat, session
-from minituner.generate import (
-    TextStream,
-    chat_conversation,
-    chat_format,
-    completions,
-    cut_at_stop,
-    decode_after,
-    stream_text,
-)
+from minituner.detokenize import TextStream, decode_after
+from minituner.generate import chat_conversation, chat_format, completions, cut_at_stop, stream_text
 from minituner.hf.folder import load_pretrained
 from minituner.loss import IGNORE_INDEX
 from minituner.recipes import instruct as train_instruct
