@@ -1,6 +1,6 @@
 """Instruction tuning and fine-tuning side by side, on the built-in experiment:
 
-    python -m minituner.compare [--out runs/compare-DATE-TIME] [--scale 1.0] [--eval-limit N]
+    python -m minituner.compare [--out runs/compare-DATE-TIME] [--rows abc] [--seeds N] [--scale 1.0]
 
 It trains, each in its own process (so peak memory is each run's own) with the two scripts:
   instruct-lora      LoRA instruction tuning of the shipped base (train_instruct.py's default)
@@ -9,18 +9,31 @@ It trains, each in its own process (so peak memory is each run's own) with the t
   finetune-instruct  the fine-tuned model, then LoRA instruction tuning
   overfit            fine-tuning on a small subset of the domain documents, with early stopping
   size-N             LoRA instruction tuning on the first N training examples (data size)
-then scores the base and the first four on one evaluation suite (exact match on held-out inputs
-and phrasings, domain perplexity, cloze accuracy, general perplexity) and writes RUN/comparison.md
-(one row per claim), RUN/results.json and, where matplotlib is installed, RUN/loss_curves.png.
---scale multiplies every run's steps (a quick look, or the tests' cut-down budget).
+  phrasings-P        LoRA instruction tuning on as many examples, each family in P phrasings (diversity)
+  wrong-S            the same examples with S % of them answered wrongly (quality)
+  finetune-lora      domain fine-tuning through LoRA (forgetting held back)
+  finetune-replay    full domain fine-tuning with general text replayed among the documents
+  complementary      the fine-tuned model instruction-tuned gently (report.COMPLEMENTARY: both skills kept)
+then scores the base and the SCORED arms' models on one evaluation suite (exact match on held-out inputs
+and phrasings, domain perplexity, cloze accuracy, general perplexity), asks the base with worked
+examples in its prompt (prompting.py), measures what each method changed in the weights
+(weights.py), and writes RUN/comparison.md (one row per claim, report.py), RUN/results.json and,
+where matplotlib is installed, RUN/loss_curves.png and RUN/weight_change.png.
+
+--rows trains only the arms the chosen rows read. --seeds N repeats every arm with seeds 0 to
+N - 1 (in RUN/seed-K/; the data is drawn from the seed too) and reports each number as the mean
+and range over them. --scale multiplies every run's steps (a quick look, or the tests' budget).
 """
 
 import argparse
 import json
 import math
+import os
+import random
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 
@@ -30,8 +43,11 @@ from minituner.batching import pad_collate
 from minituner.corpus import build_blocks, read_documents, split_documents
 from minituner.distributed import Runtime
 from minituner.errors import UserError, read_json, run_command
-from minituner.experiment import builtin
+from minituner.experiment import builtin, prompting, synth
+from minituner.experiment.report import (COMPLEMENTARY, OVERFIT_DOCS, PHRASINGS, REPLAY_SHARE, ROWS, SIZES, WRONG,
+                                         eval_curve, markdown, plot)
 from minituner.experiment.scoring import cloze_accuracy, exact_match, read_cloze, spread
+from minituner.experiment.weights import weight_change
 from minituner.formats import read_conversations
 from minituner.hf.folder import load_pretrained
 from minituner.runfolder import check_outside_runs
@@ -39,9 +55,10 @@ from minituner.step import evaluate
 from minituner.templates import default_template
 
 INSTRUCT, FINETUNE = "minituner.recipes.instruct", "minituner.recipes.finetune"  # run as python -m
-SIZES = (100, 400)  # smaller training sets for (g); the full one is instruct-lora's
-OVERFIT_DOCS = 12  # domain documents of the overfitting run
 INSTRUCT_FULL_LR = 5e-4  # every weight moves: a smaller step than the adapters' 2e-3
+SCORED = ("instruct-lora", "instruct-full", "finetune", "finetune-instruct", "finetune-lora", "finetune-replay",
+          "complementary")  # arms whose models the suite scores
+NEEDS = {"finetune-instruct": {"finetune"}, "complementary": {"finetune"}}  # an arm built on another's model
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -53,12 +70,14 @@ def flags(options: dict) -> list[str]:
     return out
 
 
-def run_script(module: str, out: Path, extra: list[str], log) -> dict:
-    """Run `python -m module --out OUT ...` in its own process; its summary, with the wall time."""
+def run_script(module: str, out: Path, extra: list[str], log, threads: str | None = None) -> dict:
+    """Run `python -m module --out OUT ...` in its own process (with `threads` CPU threads, if
+    given); its summary, with the wall time."""
     cmd = [sys.executable, "-m", module, "--out", str(out), "--no-progress", *extra]
     log(f"$ {' '.join(cmd[1:])}")
+    env = {**os.environ, "OMP_NUM_THREADS": threads} if threads else None
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
     if done.returncode != 0:
@@ -81,60 +100,126 @@ def scaled(options: dict, scale: float) -> dict:
     return out
 
 
-def train_all(root: Path, scale: float, eval_limit: int, log) -> dict[str, dict]:
-    """Every run of the comparison, in RUN/<name>/; {name: summary}."""
+def arms_for(rows: str) -> list[str]:
+    """The arms the rows read, with those they build on, in training order."""
+    wanted = set().union(*(ROWS[row][1] for row in rows))
+    wanted |= set().union(*(NEEDS.get(arm, set()) for arm in wanted))
+    order = ["instruct-lora", "instruct-full", "finetune", "finetune-instruct", *(f"size-{n}" for n in SIZES),
+             "overfit", *(f"phrasings-{p}" for p in PHRASINGS), *(f"wrong-{w}" for w in WRONG), "finetune-lora",
+             "finetune-replay", "complementary"]
+    return [arm for arm in order if arm in wanted]
+
+
+def write_data(root: Path, seed: int) -> dict[str, Path]:
+    """The built-in data of `seed` in ROOT/data/, as the built-in runs draw it for themselves: the
+    arms given data read it from here, and the evaluation suite too."""
+    folder = root / "data"
+    return {**builtin.instruct_data(folder, seed=seed), **builtin.finetune_data(folder, seed=seed)}
+
+
+def train_all(root: Path, arms: list[str], data: dict, *, seed: int, scale: float, eval_limit: int, log,
+              jobs: int = 1) -> dict[str, dict]:
+    """The arms' runs, in ROOT/<arm>/, `jobs` at a time (an arm built on another's model waits
+    for it); {arm: summary}."""
+    commands = {arm: arm_command(root, arm, data, seed=seed, scale=scale, eval_limit=eval_limit) for arm in arms}
+    threads = None if jobs == 1 else str(max(1, (os.cpu_count() or 1) // jobs))  # the cores, shared out
+    runs, running = {}, {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while len(runs) < len(arms):
+            for arm in arms:
+                ready = NEEDS.get(arm, set()) <= runs.keys()
+                if arm not in runs and arm not in running.values() and ready and len(running) < jobs:
+                    running[pool.submit(run_script, *commands[arm], log, threads=threads)] = arm
+            assert running, "an arm waits for one that is not among the arms"
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                runs[running.pop(future)] = future.result()
+    return {arm: runs[arm] for arm in arms}
+
+
+def arm_command(root: Path, arm: str, data: dict, *, seed: int, scale: float, eval_limit: int) -> tuple:
+    """(module, out, flags) of an arm's run, its data files written. The runs write no samples:
+    the comparison reads their summaries."""
     instruct, finetune = scaled(builtin.INSTRUCT_OPTIONS, scale), scaled(builtin.FINETUNE_OPTIONS, scale)
-    instruct["eval_limit"] = finetune["eval_limit"] = eval_limit
-    runs = {"instruct-lora": run_script(INSTRUCT, root / "instruct-lora", flags(instruct), log)}
-    data = root / "instruct-lora" / "data"
-    task_flags = ["--val-data", str(data / "validation.jsonl"), "--eval-exact", str(data / "heldout_inputs.jsonl"),
-                  "--eval-exact", str(data / "heldout_phrasings.jsonl")]
-    runs["instruct-full"] = run_script(INSTRUCT, root / "instruct-full",
-                                       flags({**instruct, "method": "full", "lr": INSTRUCT_FULL_LR}), log)
-    runs["finetune"] = run_script(FINETUNE, root / "finetune", flags(finetune), log)
-    runs["finetune-instruct"] = run_script(
-        INSTRUCT, root / "finetune-instruct",
-        ["--base", str(root / "finetune" / "model"), "--data", str(data / "train.jsonl"), *task_flags,
-         *flags(instruct)], log)
-    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines(True)
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    for n in SIZES:
-        subset = root / "data" / f"train-{n}.jsonl"
-        subset.write_text("".join(lines[:n]), encoding="utf-8")
-        runs[f"size-{n}"] = run_script(INSTRUCT, root / f"size-{n}",
-                                       ["--base", str(builtin.BASE_MODEL), "--data", str(subset), *task_flags,
-                                        *flags(instruct)], log)
-    runs["overfit"] = run_script(FINETUNE, root / "overfit", [*overfit_flags(root, scale), "--eval-limit",
-                                                               str(eval_limit)], log)
-    return runs
+    for options in (instruct, finetune):
+        options.update(eval_limit=eval_limit, seed=seed, samples=0)
+    tasks = ["--val-data", str(data["validation"]), "--eval-exact", str(data["heldout_inputs"]),
+             "--eval-exact", str(data["heldout_phrasings"])]
+    base, out = ["--base", str(builtin.BASE_MODEL)], root / arm
+    if arm == "instruct-lora":
+        return INSTRUCT, out, flags(instruct)
+    if arm == "instruct-full":
+        return INSTRUCT, out, flags({**instruct, "method": "full", "lr": INSTRUCT_FULL_LR})
+    if arm == "finetune":
+        return FINETUNE, out, flags(finetune)
+    if arm in ("finetune-instruct", "complementary"):
+        options = {**instruct, **COMPLEMENTARY} if arm == "complementary" else instruct
+        return INSTRUCT, out, ["--base", str(root / "finetune" / "model"), "--data", str(data["train"]), *tasks,
+                               *flags(options)]
+    if arm.startswith("size-"):
+        lines = data["train"].read_text(encoding="utf-8").splitlines(True)
+        subset = root / "data" / f"train-{arm}.jsonl"
+        subset.write_text("".join(lines[:int(arm.split("-")[1])]), encoding="utf-8")
+        return INSTRUCT, out, [*base, "--data", str(subset), *tasks, *flags(instruct)]
+    if arm == "overfit":
+        return FINETUNE, out, [*overfit_flags(root, data, scale, seed), "--eval-limit", str(eval_limit)]
+    if arm.startswith(("phrasings-", "wrong-")):
+        return INSTRUCT, out, [*base, "--data", str(task_variant(root, arm, seed)), *tasks, *flags(instruct)]
+    assert arm in ("finetune-lora", "finetune-replay"), arm
+    return FINETUNE, out, finetune_variant(root, arm, data, finetune, seed)
 
 
-def overfit_flags(root: Path, scale: float) -> list[str]:
+def task_variant(root: Path, arm: str, seed: int) -> Path:
+    """The training file of a phrasings-P or wrong-S arm: as many examples as the built-in's, each
+    family in its first P phrasings, or with S % answered wrongly."""
+    kind, value = arm.split("-")
+    rng = random.Random(seed)
+    if kind == "phrasings":
+        items = synth.training_items(rng, builtin.INSTRUCT_EXAMPLES, phrasings=int(value))
+    else:
+        items = synth.with_wrong_answers(synth.training_items(rng, builtin.INSTRUCT_EXAMPLES), int(value) / 100,
+                                         seed=seed)
+    return builtin.write_jsonl(root / "data" / f"train-{arm}.jsonl", map(synth.as_messages, items))
+
+
+def finetune_variant(root: Path, arm: str, data: dict, options: dict, seed: int) -> list[str]:
+    """Flags of domain fine-tuning through LoRA, or with general text replayed: the built-in's
+    training and validation documents, its cloze questions and general text."""
+    docs = read_documents(data["domain"])[0]
+    train_docs, val_docs = split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)
+    if arm == "finetune-replay":  # pretraining text (the base's own corpus) among the domain documents
+        general = synth.general_corpus(round(len(train_docs) * REPLAY_SHARE / (1 - REPLAY_SHARE)), seed=seed)
+        train_docs = train_docs + general
+    train = builtin.write_documents(root / "data" / f"{arm}_train.txt", train_docs)
+    val = builtin.write_documents(root / "data" / "domain_val.txt", val_docs)
+    options = {**options, **({"method": "lora"} if arm == "finetune-lora" else {})}
+    options.pop("val_fraction")
+    return ["--base", str(builtin.BASE_MODEL), "--data", str(train), "--val-data", str(val), "--cloze",
+            str(data["cloze"]), "--general-eval", str(data["general"]), *flags(options)]
+
+
+def overfit_flags(root: Path, data: dict, scale: float, seed: int) -> list[str]:
     """Fine-tuning on OVERFIT_DOCS training documents, validated on the finetune run's held-out
     documents, evaluated often, stopping after 3 evaluations without improvement."""
-    docs = read_documents(root / "finetune" / "data" / "domain.txt")[0]
-    train_docs, val_docs = split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=0)
-    folder = root / "data"
-    small = builtin.write_documents(folder / "overfit_train.txt", train_docs[:OVERFIT_DOCS])
-    val = builtin.write_documents(folder / "overfit_val.txt", val_docs)
-    options = scaled({**builtin.FINETUNE_OPTIONS, "steps": 400, "eval_every": 10, "patience": 3, "batch_size": 4},
-                     scale)
+    docs = read_documents(data["domain"])[0]
+    train_docs, val_docs = split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)
+    small = builtin.write_documents(root / "data" / "overfit_train.txt", train_docs[:OVERFIT_DOCS])
+    val = builtin.write_documents(root / "data" / "overfit_val.txt", val_docs)
+    options = scaled({**builtin.FINETUNE_OPTIONS, "steps": 400, "eval_every": 10, "patience": 3, "batch_size": 4,
+                      "seed": seed, "samples": 0}, scale)
     options.pop("val_fraction")
     return ["--base", str(builtin.BASE_MODEL), "--data", str(small), "--val-data", str(val), *flags(options)]
 
 
 # ----------------------------------------------------------------------------- the evaluation suite
-def suite_data(root: Path, limit: int) -> dict:
-    """The evaluation suite's items, read once from the runs' data: the held-out task sets, the
+def suite_data(data: dict, seed: int, limit: int) -> dict:
+    """The evaluation suite's items, read once from the seed's data: the held-out task sets, the
     cloze questions, the finetune run's validation documents and the general text (at most
     `limit` of each, see --eval-limit)."""
-    tasks, domain = root / "instruct-lora" / "data", root / "finetune" / "data"
-    docs = read_documents(domain / "domain.txt")[0]
-    held_out = {name: read_conversations(tasks / f"{name}.jsonl")[0]
-                for name in ("heldout_inputs", "heldout_phrasings")}
-    sets = {**held_out, "cloze": read_cloze(domain / "cloze.jsonl"),
-            "domain": split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=0)[1],
-            "general": read_documents(domain / "general_eval.txt")[0]}
+    docs = read_documents(data["domain"])[0]
+    sets = {name: read_conversations(data[name])[0] for name in ("heldout_inputs", "heldout_phrasings")}
+    sets |= {"cloze": read_cloze(data["cloze"]), "general": read_documents(data["general"])[0],
+             "domain": split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)[1]}
     return {name: spread(items, limit) for name, items in sets.items()}
 
 
@@ -162,136 +247,94 @@ def perplexity(model, tokenizer, docs: list[str]) -> float:
     return math.exp(loss)
 
 
-# ----------------------------------------------------------------------------- the report
-def pct(x: float) -> str:
-    return f"{x:.1%}"
+def prompt_the_base(data: dict, limit: int) -> dict:
+    """{wording: {k: {held-out set: few_shot's measures}}} of the base model (row i)."""
+    model, tokenizer = load_pretrained(builtin.BASE_MODEL, device="cpu", dtype=torch.float32)
+    train = prompting.read_items(data["train"])
+    out = {}
+    for wording in prompting.WORDINGS:
+        for k in prompting.SHOTS:
+            shots = prompting.examples_by_family(train, k)
+            out.setdefault(wording, {})[str(k)] = {
+                name: prompting.few_shot(model, tokenizer, spread(prompting.read_items(data[name]), limit), shots,
+                                         wording=wording, template=default_template(tokenizer),
+                                         max_new_tokens=builtin.INSTRUCT_OPTIONS["max_new_tokens"])
+                for name in ("heldout_inputs", "heldout_phrasings")}
+    return out
 
 
-def claims(scores: dict, runs: dict, curve: list[tuple[int, float]]) -> list[tuple[str, str, str]]:
-    """(claim, measure, result) rows (a)-(h)."""
-    base, lora, full, ft, fti = (scores[k] for k in ("base", "instruct-lora", "instruct-full", "finetune",
-                                                     "finetune-instruct"))
-    o = runs["overfit"]
-    low = min(curve, key=lambda p: p[1]) if curve else (None, float("nan"))
-    last = curve[-1] if curve else (None, float("nan"))
-    sizes = [f"{n}: {pct(exact(runs[f'size-{n}']))}" for n in SIZES]
-    sizes.append(f"{builtin.INSTRUCT_EXAMPLES}: {pct(exact(runs['instruct-lora']))}")
-    return [
-        ("(a) instruction following", "exact match, held-out inputs: base → instruction-tuned (LoRA)",
-         f"{pct(base['heldout_inputs'])} → {pct(lora['heldout_inputs'])}"),
-        ("(b) generalisation", "exact match, unseen inputs in unseen phrasings: base → LoRA",
-         f"{pct(base['heldout_phrasings'])} → {pct(lora['heldout_phrasings'])}"),
-        ("(c) domain adaptation", "domain perplexity; cloze accuracy: base → fine-tuned",
-         f"{base['domain_ppl']:.2f} → {ft['domain_ppl']:.2f}; {pct(base['cloze'])} → {pct(ft['cloze'])}"),
-        ("(d) overfitting", f"validation loss, fine-tuning on {OVERFIT_DOCS} documents",
-         f"lowest {low[1]:.3f} at step {low[0]}, then {last[1]:.3f} at step {last[0]}; "
-         + (f"early stopping stopped at step {o['steps']} and restored step {o['weights_of_step']}"
-            if o["status"] == "early_stopped" else f"no early stop in {o['steps']} steps")),
-        ("(e) forgetting", "general-text perplexity: base → fine-tuned; base → LoRA instruction-tuned",
-         f"{base['general_ppl']:.2f} → {ft['general_ppl']:.2f}; "
-         f"{base['general_ppl']:.2f} → {lora['general_ppl']:.2f}"),
-        ("(f) cost of PEFT", "LoRA vs full instruction tuning: cost; exact match (inputs / phrasings)",
-         f"LoRA {cost(runs['instruct-lora'])}, {pct(lora['heldout_inputs'])} / {pct(lora['heldout_phrasings'])}; "
-         f"full {cost(runs['instruct-full'])}, {pct(full['heldout_inputs'])} / {pct(full['heldout_phrasings'])}"),
-        ("(g) data size", "exact match, held-out inputs, by training examples (LoRA, same steps; "
-         "each run's own scoring)", ", ".join(sizes)),
-        ("(h) not interchangeable", "cloze accuracy of the instruction-tuned model; exact match of the fine-tuned; "
-         "both, fine-tuned then instruction-tuned",
-         f"{pct(lora['cloze'])}; {pct(ft['heldout_inputs'])}; {pct(fti['cloze'])} cloze and "
-         f"{pct(fti['heldout_inputs'])} exact match"),
-    ]
-
-
-def exact(summary: dict) -> float:
-    """A training run's own exact match on the held-out inputs, after training."""
-    return summary["exact_match"]["heldout_inputs"]["after"]
-
-
-def cost(summary: dict) -> str:
-    return (f"{summary['trainable_params']:,} params trained, {summary['peak_memory_mib']:,.0f} MiB peak, "
-            f"{summary['process_wall_s']:.0f} s")
-
-
-def markdown(rows, scores: dict, command: str) -> str:
-    lines = [f"# minituner: instruction tuning vs fine-tuning\n\n`{command}`\n",
-             "| claim | measure | result |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", "| model | exact match, held-out inputs | held-out phrasings | cloze accuracy | domain ppl | "
-              "general ppl |", "|---|---:|---:|---:|---:|---:|"]
-    for name, s in scores.items():
-        lines.append(f"| {name} | {pct(s['heldout_inputs'])} | {pct(s['heldout_phrasings'])} | {pct(s['cloze'])} | "
-                     f"{s['domain_ppl']:.2f} | {s['general_ppl']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, validation loss) of a run's metrics.jsonl."""
-    return [(r["step"], r["eval_loss"]) for r in metrics(run_dir) if "eval_loss" in r]
-
-
-def plot(root: Path, runs: dict) -> Path | None:
-    """Loss curves as a PNG, where matplotlib is installed (pip install minituner[plot])."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("instruct-lora", "instruct-full", "finetune", "finetune-instruct"):
-        steps = [r for r in metrics(root / name) if "loss" in r]
-        left.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=name)
-    left.set(title="training loss", xlabel="step", ylabel="loss", yscale="log")
-    left.legend()
-    train = [r for r in metrics(root / "overfit") if "loss" in r]
-    right.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    curve = eval_curve(root / "overfit")
-    right.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label="validation")
-    right.axvline(runs["overfit"]["weights_of_step"], color="gray", linestyle="--", label="restored")
-    right.set(title=f"fine-tuning on {OVERFIT_DOCS} documents", xlabel="step", ylabel="loss")
-    right.legend()
-    fig.tight_layout()
-    path = root / "loss_curves.png"
-    fig.savefig(path, dpi=100)
-    return path
+def measure(root: Path, arms: list[str], rows: list[str], data: dict, *, seed: int, runs: dict, limit: int) -> dict:
+    """One seed's results: the runs' summaries, the suite's scores of the base and of the arms'
+    models, the overfitting run's validation curve, the base prompted, the weight changes."""
+    items = suite_data(data, seed, limit)
+    result = {"seed": seed, "runs": runs, "scores": {"base": suite(builtin.BASE_MODEL, items)}}
+    for arm in SCORED:
+        if arm in arms:
+            result["scores"][arm] = suite(root / arm / "model", items)
+    if "overfit" in arms:
+        result["curve"] = eval_curve(root / "overfit")
+    if "i" in rows:
+        result["prompting"] = prompt_the_base(data, limit)
+    if "n" in rows:
+        result["weights"] = {arm: weight_change(builtin.BASE_MODEL, root / arm / "model")
+                             for arm in ("instruct-full", "finetune", "instruct-lora")}
+    return result
 
 
 # ----------------------------------------------------------------------------- entry point
 def run(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minituner.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", help="folder of all the runs")
+    p.add_argument("--rows", default="".join(ROWS), help=f"the rows to measure, as letters (default: all, "
+                                                        f"{''.join(ROWS)})")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every arm with this many seeds; mean and range")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="arms trained at once, sharing the CPU cores (each arm's numbers then depend on its threads)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps by this (a quick look)")
     p.add_argument("--eval-limit", type=int, default=0,
                    help="score at most N items of each evaluation set, spread over it (0 = all; a quick look)")
     args = p.parse_args(argv)
     root = Path(args.out)
+    unknown = sorted(set(args.rows) - set(ROWS) - {","})
+    if unknown or not args.rows.strip(","):
+        raise UserError(f"--rows {args.rows}: rows are letters among {''.join(ROWS)}")
+    if args.seeds < 1 or args.jobs < 1:
+        raise UserError(f"--seeds {args.seeds}, --jobs {args.jobs}: each must be at least 1")
+    if args.scale <= 0:
+        raise UserError(f"--scale {args.scale} must be > 0")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UserError(f"--out {root}: not a new or empty folder; the comparison writes its runs there")
     check_outside_runs(root)
-    if args.scale <= 0:
-        raise UserError(f"--scale {args.scale} must be > 0")
+    rows = [row for row in ROWS if row in args.rows]
+    arms = arms_for(rows)
     root.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    runs = train_all(root, args.scale, args.eval_limit, print)
-    data = suite_data(root, args.eval_limit)
-    scores = {"base": suite(builtin.BASE_MODEL, data)}
-    for name in ("instruct-lora", "instruct-full", "finetune", "finetune-instruct"):
-        scores[name] = suite(root / name / "model", data)
-    command = ("python -m minituner.compare" + (f" --scale {args.scale}" if args.scale != 1.0 else "")
-               + (f" --eval-limit {args.eval_limit}" if args.eval_limit else ""))
-    text = markdown(claims(scores, runs, eval_curve(root / "overfit")), scores, command)
+    start, results = time.perf_counter(), []
+    for seed in range(args.seeds):
+        folder = root if args.seeds == 1 else root / f"seed-{seed}"
+        data = write_data(folder, seed)
+        runs = train_all(folder, arms, data, seed=seed, scale=args.scale, eval_limit=args.eval_limit, log=print,
+                         jobs=args.jobs)
+        results.append(measure(folder, arms, rows, data, seed=seed, runs=runs, limit=args.eval_limit))
+    command = " ".join(["python -m minituner.compare", *argv_shown(args)])
+    table = [ROWS[row][0](results) for row in rows]
+    text = markdown(table, results, command)
     (root / "comparison.md").write_text(text, encoding="utf-8")
-    (root / "results.json").write_text(json.dumps({"scores": scores, "runs": runs}, indent=2), encoding="utf-8")
-    png = plot(root, runs)
+    (root / "results.json").write_text(json.dumps({"command": command, "rows": table, "results": results}, indent=2),
+                                       encoding="utf-8")
+    pngs = plot(root if args.seeds == 1 else root / "seed-0", results[0], root)
     print("\n" + text)
-    print(f"written: {root / 'comparison.md'}, {root / 'results.json'}" + (f", {png}" if png else "")
+    print("written: " + ", ".join(map(str, [root / "comparison.md", root / "results.json", *pngs]))
           + f" ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def argv_shown(args) -> list[str]:
+    """The flags that differ from the defaults, as the command to repeat the comparison."""
+    shown = [] if args.rows == "".join(ROWS) else [f"--rows {args.rows}"]
+    shown += [f"--seeds {args.seeds}"] if args.seeds != 1 else []
+    shown += [f"--scale {args.scale}"] if args.scale != 1.0 else []
+    shown += [f"--jobs {args.jobs}"] if args.jobs != 1 else []
+    return shown + ([f"--eval-limit {args.eval_limit}"] if args.eval_limit else [])
 
 
 def main(argv=None) -> int:

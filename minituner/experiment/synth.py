@@ -217,12 +217,7 @@ def task_splits(n_train: int = 4000, n_eval: int = 20, seed: int = 0) -> dict[st
     heldout_phrasings: n_eval per family, held-out inputs in the held-out phrasings.
     Within a held-out set each input appears once (a family with fewer held-out inputs gives fewer items)."""
     rng = random.Random(seed)
-    splits = {"train": [], "validation": [], "heldout_inputs": [], "heldout_phrasings": []}
-    names = list(FAMILIES)
-    for i in range(n_train):
-        name = names[i % len(names)]
-        key, fields, answer = _draw(FAMILIES[name], rng, lambda k, f, a: not held_out(name, k))
-        splits["train"].append(_item(name, key, rng.choice(FAMILIES[name].train), fields, answer))
+    splits = {"train": training_items(rng, n_train), "validation": [], "heldout_inputs": [], "heldout_phrasings": []}
     trained = {item["instruction"] for item in splits["train"]}
     for name, family in FAMILIES.items():
         for j in range(n_eval // 2):
@@ -239,6 +234,31 @@ def task_splits(n_train: int = 4000, n_eval: int = 20, seed: int = 0) -> dict[st
                 seen.add((drawn[0], drawn[2]))
                 splits[split].append(_item(name, drawn[0], phrasings[j % len(phrasings)], drawn[1], drawn[2]))
     return splits
+
+
+def training_items(rng: random.Random, n: int, phrasings: int | None = None) -> list[dict]:
+    """n training items, the families in turn, inputs never held out; each in one of the family's
+    first `phrasings` training phrasings (None: all of them)."""
+    names, items = list(FAMILIES), []
+    for i in range(n):
+        name = names[i % len(names)]
+        key, fields, answer = _draw(FAMILIES[name], rng, lambda k, f, a: not held_out(name, k))
+        items.append(_item(name, key, rng.choice(FAMILIES[name].train[:phrasings]), fields, answer))
+    return items
+
+
+def with_wrong_answers(items: list[dict], share: float, seed: int = 0) -> list[dict]:
+    """`items` with round(share * len) of them, chosen at random, answered wrongly: with the answer
+    of another item of the same family (a plausible answer, not noise)."""
+    rng = random.Random(seed)
+    out = [dict(item) for item in items]
+    answers: dict[str, list[str]] = {}
+    for item in items:
+        answers.setdefault(item["family"], []).append(item["answer"])
+    for i in rng.sample(range(len(out)), round(share * len(out))):
+        others = [a for a in answers[out[i]["family"]] if a != out[i]["answer"]]
+        out[i]["answer"] = rng.choice(others)
+    return out
 
 
 def _draw(family: Family, rng: random.Random, accept, tries: int = 10_000) -> tuple | None:

@@ -1,6 +1,7 @@
 """The built-in experiment's synthetic data: deterministic, answers right, held-out splits
 disjoint from what is trained (inputs, phrasings, and the pretraining wordings)."""
 
+import random
 import re
 
 import pytest
@@ -96,3 +97,20 @@ def test_domain_cloze_wording_is_never_in_the_documents_but_the_fact_is():
         assert n_stated == synth.DOCS_PER_WORDING * (len(attribute_wordings) - 1), fact  # in every other wording
     names = {f["name"] for f in facts}
     assert not any(name in " ".join(synth.general_corpus(500)) for name in names)  # unknown to the base
+
+
+def test_training_items_in_fewer_phrasings_and_with_wrong_answers():
+    """The data of the diversity and quality rows: as many items, each family in its first P
+    phrasings; a share answered with another item's answer of the same family."""
+    one = synth.training_items(random.Random(0), 400, phrasings=1)
+    assert len(one) == 400 and not any(synth.held_out(i["family"], i["key"]) for i in one)
+    for name, family in synth.FAMILIES.items():
+        fields = [i for i in one if i["family"] == name]
+        assert fields and all(i["instruction"].split()[0] == family.train[0].split()[0] for i in fields)
+    right = synth.training_items(random.Random(0), 400)
+    wrong = synth.with_wrong_answers(right, 0.3, seed=1)
+    changed = [(a, b) for a, b in zip(right, wrong) if a["answer"] != b["answer"]]
+    assert len(changed) == 120 and all(a["instruction"] == b["instruction"] for a, b in changed)
+    answers = {(i["family"], i["answer"]) for i in right}
+    assert all((b["family"], b["answer"]) in answers for _, b in changed)  # a plausible answer of its family
+    assert synth.with_wrong_answers(right, 0.0) == right
