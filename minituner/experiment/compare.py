@@ -185,8 +185,7 @@ def task_variant(root: Path, arm: str, seed: int) -> Path:
 def finetune_variant(root: Path, arm: str, data: dict, options: dict, seed: int) -> list[str]:
     """Flags of domain fine-tuning through LoRA, or with general text replayed: the built-in's
     training and validation documents, its cloze questions and general text."""
-    docs = read_documents(data["domain"])[0]
-    train_docs, val_docs = split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)
+    train_docs, val_docs = domain_split(data, seed)
     if arm == "finetune-replay":  # pretraining text (the base's own corpus) among the domain documents
         general = synth.general_corpus(round(len(train_docs) * REPLAY_SHARE / (1 - REPLAY_SHARE)), seed=seed)
         train_docs = train_docs + general
@@ -198,11 +197,17 @@ def finetune_variant(root: Path, arm: str, data: dict, options: dict, seed: int)
             str(data["cloze"]), "--general-eval", str(data["general"]), *flags(options)]
 
 
+def domain_split(data: dict, seed: int) -> tuple[list[str], list[str]]:
+    """The domain documents as the finetune run splits them (its --val-fraction and --seed):
+    (training, validation)."""
+    docs = read_documents(data["domain"])[0]
+    return split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)
+
+
 def overfit_flags(root: Path, data: dict, scale: float, seed: int) -> list[str]:
     """Fine-tuning on OVERFIT_DOCS training documents, validated on the finetune run's held-out
     documents, evaluated often, stopping after 3 evaluations without improvement."""
-    docs = read_documents(data["domain"])[0]
-    train_docs, val_docs = split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)
+    train_docs, val_docs = domain_split(data, seed)
     small = builtin.write_documents(root / "data" / "overfit_train.txt", train_docs[:OVERFIT_DOCS])
     val = builtin.write_documents(root / "data" / "overfit_val.txt", val_docs)
     options = scaled({**builtin.FINETUNE_OPTIONS, "steps": 400, "eval_every": 10, "patience": 3, "batch_size": 4,
@@ -216,10 +221,9 @@ def suite_data(data: dict, seed: int, limit: int) -> dict:
     """The evaluation suite's items, read once from the seed's data: the held-out task sets, the
     cloze questions, the finetune run's validation documents and the general text (at most
     `limit` of each, see --eval-limit)."""
-    docs = read_documents(data["domain"])[0]
     sets = {name: read_conversations(data[name])[0] for name in ("heldout_inputs", "heldout_phrasings")}
     sets |= {"cloze": read_cloze(data["cloze"]), "general": read_documents(data["general"])[0],
-             "domain": split_documents(docs, builtin.FINETUNE_OPTIONS["val_fraction"], seed=seed)[1]}
+             "domain": domain_split(data, seed)[1]}
     return {name: spread(items, limit) for name, items in sets.items()}
 
 
@@ -250,16 +254,17 @@ def perplexity(model, tokenizer, docs: list[str]) -> float:
 def prompt_the_base(data: dict, limit: int) -> dict:
     """{wording: {k: {held-out set: few_shot's measures}}} of the base model (row i)."""
     model, tokenizer = load_pretrained(builtin.BASE_MODEL, device="cpu", dtype=torch.float32)
-    train = prompting.read_items(data["train"])
+    train, template = prompting.read_items(data["train"]), default_template(tokenizer)
+    held_out = {name: spread(prompting.read_items(data[name]), limit)
+                for name in ("heldout_inputs", "heldout_phrasings")}
     out = {}
     for wording in prompting.WORDINGS:
         for k in prompting.SHOTS:
             shots = prompting.examples_by_family(train, k)
             out.setdefault(wording, {})[str(k)] = {
-                name: prompting.few_shot(model, tokenizer, spread(prompting.read_items(data[name]), limit), shots,
-                                         wording=wording, template=default_template(tokenizer),
+                name: prompting.few_shot(model, tokenizer, items, shots, wording=wording, template=template,
                                          max_new_tokens=builtin.INSTRUCT_OPTIONS["max_new_tokens"])
-                for name in ("heldout_inputs", "heldout_phrasings")}
+                for name, items in held_out.items()}
     return out
 
 
