@@ -27,10 +27,10 @@ GENERAL_EVAL_SEED = 1000
 GENERAL_EVAL_DOCS = 300
 INSTRUCT_EXAMPLES = 4000  # training examples of the task families
 # Options of the built-in runs, applied as the scripts' defaults (a flag given still wins).
-INSTRUCT_OPTIONS = {"steps": 800, "batch_size": 16, "lr": 2e-3, "lora_rank": 8, "lora_alpha": 16.0,
+INSTRUCT_OPTIONS = {"steps": 300, "batch_size": 16, "lr": 4e-3, "lora_rank": 8, "lora_alpha": 16.0,
                     "max_len": 128, "max_new_tokens": 32, "samples": 3, "warmup_steps": 20}
-FINETUNE_OPTIONS = {"steps": 800, "batch_size": 8, "lr": 2e-3, "max_len": 256, "val_fraction": 0.1,
-                    "max_new_tokens": 24, "samples": 3, "warmup_steps": 20, "eval_every": 100}
+FINETUNE_OPTIONS = {"steps": 300, "batch_size": 8, "lr": 3e-3, "max_len": 256, "val_fraction": 0.1,
+                    "max_new_tokens": 24, "samples": 3, "warmup_steps": 20, "eval_every": 50}
 
 
 def check_base_model() -> Path:

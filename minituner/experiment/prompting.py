@@ -26,6 +26,7 @@ from minituner.templates import stop_ids
 
 SHOTS = (0, 1, 4, 8)
 WORDINGS = ("pretraining", "chat")
+ITEMS = 60  # held-out items asked per set (spread over the families): 8 prompts each is the suite's costliest part
 
 
 def read_items(path) -> list[dict]:

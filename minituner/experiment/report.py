@@ -18,7 +18,6 @@ OVERFIT_DOCS = 12  # domain documents of the overfitting run
 PHRASINGS = (1, 2)  # training phrasings per family for (j); instruct-lora has all 4
 WRONG = (10, 30)  # % of wrongly answered training examples for (k); instruct-lora has none
 REPLAY_SHARE = 0.25  # of finetune-replay's training documents, general text the base was pretrained on (l)
-COMPLEMENTARY = {"lr": 5e-4}  # (m): instruction tuning of the fine-tuned model, gentler than finetune-instruct's
 
 
 # ----------------------------------------------------------------------------- numbers over seeds
@@ -97,10 +96,9 @@ def row_f(R):
 
 
 def row_g(R):
-    sizes = [f"{n}: {at(R, f'runs.size-{n}.exact_match.heldout_inputs.after')}" for n in SIZES]
-    sizes.append(f"{builtin.INSTRUCT_EXAMPLES}: {at(R, 'runs.instruct-lora.exact_match.heldout_inputs.after')}")
-    return ("(g) data size", "exact match, held-out inputs, by training examples (LoRA, same steps; "
-            "each run's own scoring)", ", ".join(sizes))
+    sizes = [f"{n}: {at(R, f'scores.size-{n}.heldout_inputs')}" for n in SIZES]
+    sizes.append(f"{builtin.INSTRUCT_EXAMPLES}: {at(R, 'scores.instruct-lora.heldout_inputs')}")
+    return ("(g) data size", "exact match, held-out inputs, by training examples (LoRA, same steps)", ", ".join(sizes))
 
 
 def row_h(R):
@@ -139,22 +137,21 @@ def row_n(R):
                       for name, label in arms) + f" (LoRA r = {builtin.INSTRUCT_OPTIONS['lora_rank']})")
 
 
-def own_exact(R, arm: str) -> str:
-    """A training run's own exact match after training, inputs / phrasings."""
-    return (f"{at(R, f'runs.{arm}.exact_match.heldout_inputs.after')} / "
-            f"{at(R, f'runs.{arm}.exact_match.heldout_phrasings.after')}")
+def exact(R, arm: str) -> str:
+    """An arm's exact match, held-out inputs / phrasings."""
+    return f"{at(R, f'scores.{arm}.heldout_inputs')} / {at(R, f'scores.{arm}.heldout_phrasings')}"
 
 
 def row_j(R):
-    cells = [f"{p}: {own_exact(R, f'phrasings-{p}')}" for p in PHRASINGS] + [f"4: {own_exact(R, 'instruct-lora')}"]
+    cells = [f"{p}: {exact(R, f'phrasings-{p}')}" for p in PHRASINGS] + [f"4: {exact(R, 'instruct-lora')}"]
     return ("(j) diversity", f"exact match (held-out inputs / held-out phrasings) by training phrasings per family, "
-            f"{builtin.INSTRUCT_EXAMPLES:,} examples (LoRA; each run's own scoring)", ", ".join(cells))
+            f"{builtin.INSTRUCT_EXAMPLES:,} examples (LoRA)", ", ".join(cells))
 
 
 def row_k(R):
-    cells = [f"0 %: {own_exact(R, 'instruct-lora')}"] + [f"{w} %: {own_exact(R, f'wrong-{w}')}" for w in WRONG]
+    cells = [f"0 %: {exact(R, 'instruct-lora')}"] + [f"{w} %: {exact(R, f'wrong-{w}')}" for w in WRONG]
     return ("(k) quality", f"exact match (inputs / phrasings) with a share of the {builtin.INSTRUCT_EXAMPLES:,} "
-            "training answers wrong (another item's answer; LoRA; each run's own scoring)", ", ".join(cells))
+            "training answers wrong (another item's answer; LoRA)", ", ".join(cells))
 
 
 def row_l(R):
@@ -170,11 +167,10 @@ def row_m(R):
     def arm(name):
         return (f"{at(R, f'scores.{name}.cloze')} cloze, {at(R, f'scores.{name}.heldout_inputs')} / "
                 f"{at(R, f'scores.{name}.heldout_phrasings')} exact match")
-    recipe = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in COMPLEMENTARY.items())
-    return ("(m) complementary", "fine-tuned, then LoRA instruction-tuned: as in (h), and gently "
-            f"({recipe}); cloze accuracy, exact match (inputs / phrasings)",
-            f"as in (h): {arm('finetune-instruct')}; gently: {arm('complementary')}; fine-tuned alone: "
-            f"{at(R, 'scores.finetune.cloze')} cloze")
+    return ("(m) complementary", "fine-tuned, then LoRA instruction-tuned: as in (h), and fine-tuned with general "
+            "text replayed as in (l) first; cloze accuracy, exact match (inputs / phrasings)",
+            f"as in (h): {arm('finetune-instruct')}; replayed first: {arm('complementary')}; fine-tuned alone: "
+            f"{at(R, 'scores.finetune.cloze')} cloze, with replay {at(R, 'scores.finetune-replay.cloze')}")
 
 
 ROWS = {  # letter: (row, the arms it reads)
@@ -185,7 +181,7 @@ ROWS = {  # letter: (row, the arms it reads)
     "j": (row_j, {"instruct-lora", *(f"phrasings-{p}" for p in PHRASINGS)}),
     "k": (row_k, {"instruct-lora", *(f"wrong-{w}" for w in WRONG)}),
     "l": (row_l, {"finetune", "finetune-lora", "finetune-replay"}),
-    "m": (row_m, {"finetune", "finetune-instruct", "complementary"}),
+    "m": (row_m, {"finetune", "finetune-instruct", "finetune-replay", "complementary"}),
     "n": (row_n, {"instruct-lora", "instruct-full", "finetune"}),
 }
 
@@ -197,7 +193,7 @@ def markdown(rows: list[tuple[str, str, str]], results: list[dict], command: str
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| model | exact match, held-out inputs | held-out phrasings | cloze accuracy | domain ppl | "
               "general ppl |", "|---|---:|---:|---:|---:|---:|"]
-    for name in results[0]["scores"]:
+    for name in (name for name, scores in results[0]["scores"].items() if "cloze" in scores):  # the whole suite
         def at(measure, how=pct):
             return how(values(results, f"scores.{name}.{measure}"))
         lines.append(f"| {name} | {at('heldout_inputs')} | {at('heldout_phrasings')} | {at('cloze')} | "

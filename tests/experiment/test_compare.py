@@ -1,4 +1,4 @@
-"""The comparison: every arm trains in its own process, one evaluation suite scores five models,
+"""The comparison: every arm trains in its own process, one evaluation suite scores their models,
 and comparison.md has one row per claim; run on a cut-down budget (a few steps, 10 items). Its
 parts on their own: which arms a row needs, numbers over seeds, the base prompted with examples,
 the weight changes."""
@@ -26,20 +26,22 @@ def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
         assert f"| ({claim}) " in text
     saved = json.loads((out / "results.json").read_text())
     result, = saved["results"]
-    assert set(result["scores"]) == {"base", *compare.SCORED}
-    runs = result["runs"]
+    runs, scores = result["runs"], result["scores"]
+    assert set(scores) == {"base", *runs} - {"overfit"} and set(runs) == set(compare.arms_for(report.ROWS))
+    assert all(set(scores[arm]) > {"heldout_inputs", "cloze", "general_ppl"} for arm in ("base", *compare.SCORED))
+    assert set(scores["wrong-30"]) == {"heldout_inputs", "heldout_phrasings"}  # the task variants: exact match
+    assert not any("exact_match" in summary for summary in runs.values())  # the suite scores, the runs don't
     assert runs["instruct-lora"]["trainable_params"] < runs["instruct-full"]["trainable_params"] / 5
     assert runs["finetune-lora"]["trainable_params"] < runs["finetune-replay"]["trainable_params"] / 5
     assert runs["overfit"]["restored_best"] in (True, False)
     # every number of a row is read from the runs and scores
     table = {claim[1]: result for claim, _, result in saved["rows"]}
-    assert f"100: {own(runs['size-100'], 'inputs')}" in table["g"]
-    assert f"1: {own(runs['phrasings-1'], 'inputs')} / {own(runs['phrasings-1'], 'phrasings')}" in table["j"]
-    assert f"30 %: {own(runs['wrong-30'], 'inputs')} / {own(runs['wrong-30'], 'phrasings')}" in table["k"]
-    replay = result["scores"]["finetune-replay"]
+    assert f"100: {scores['size-100']['heldout_inputs']:.1%}" in table["g"]
+    assert f"1: {exact(scores['phrasings-1'])}" in table["j"] and f"30 %: {exact(scores['wrong-30'])}" in table["k"]
+    replay = scores["finetune-replay"]
     assert f"replayed {replay['cloze']:.1%}, {replay['general_ppl']:,.2f}" in table["l"]
-    gentle = result["scores"]["complementary"]
-    assert f"gently: {gentle['cloze']:.1%} cloze, {gentle['heldout_inputs']:.1%} / " in table["m"]
+    both = scores["complementary"]
+    assert f"replayed first: {both['cloze']:.1%} cloze, {exact(both)} exact match" in table["m"]
     few = result["prompting"]["pretraining"]["4"]["heldout_inputs"]
     assert f"4: {few['accuracy']:.1%} / " in table["i"]
     assert f"{few['tokens']:,.0f} tokens ({few['shots']:,.1f} fit)" in table["i"]
@@ -55,17 +57,17 @@ def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
         assert (out / png).is_file() == plotted
 
 
-def own(summary: dict, held_out: str) -> str:
-    """A run's own exact match after training on the held-out inputs or phrasings, as rows print it."""
-    return f"{summary['exact_match'][f'heldout_{held_out}']['after']:.1%}"
+def exact(scores: dict) -> str:
+    """A model's exact match on the held-out inputs / phrasings, as rows print it."""
+    return f"{scores['heldout_inputs']:.1%} / {scores['heldout_phrasings']:.1%}"
 
 
 def test_rows_train_only_the_arms_they_read():
     assert compare.arms_for(["i"]) == ["instruct-lora"]
     assert compare.arms_for(["d"]) == ["overfit"]
-    assert compare.arms_for(["h"]) == ["instruct-lora", "finetune", "finetune-instruct"]
+    assert compare.arms_for(["h"]) == ["finetune", "instruct-lora", "finetune-instruct"]
     assert compare.arms_for(["j", "k"]) == ["instruct-lora", "phrasings-1", "phrasings-2", "wrong-10", "wrong-30"]
-    assert compare.arms_for(["m"]) == ["finetune", "finetune-instruct", "complementary"]  # built on finetune's model
+    assert compare.arms_for(["m"]) == ["finetune", "finetune-replay", "finetune-instruct", "complementary"]
 
 
 def fake_result(seed: int, accuracy: float) -> dict:
@@ -147,9 +149,10 @@ def test_jobs_train_arms_side_by_side_and_an_arm_after_the_one_it_builds_on(tmp_
     monkeypatch.setattr(compare, "arm_command", lambda root, arm, data, **k: ("m", root / arm, []))
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 4)
     arms = compare.arms_for(["h", "m"])
-    runs = compare.train_all(tmp_path, arms, {}, seed=0, scale=1.0, eval_limit=0, log=lambda line: None, jobs=2)
+    runs = compare.train_all(tmp_path, arms, {}, seed=0, scale=1.0, log=lambda line: None, jobs=2)
     assert list(runs) == arms and all(runs[arm] == {"arm": arm} for arm in arms)
-    for arm in ("finetune-instruct", "complementary"):
-        assert spans[arm][0] >= spans["finetune"][1]  # built on the fine-tuned model
-    assert spans["instruct-lora"][0] < spans["finetune"][1] and spans["finetune"][0] < spans["instruct-lora"][1]
+    for arm, built_on in compare.NEEDS.items():
+        assert spans[arm][0] >= spans[built_on][1]  # trained from that arm's model
+    first, second = spans["finetune"], spans["finetune-replay"]
+    assert first[0] < second[1] and second[0] < first[1]  # side by side
     assert {threads for *_, threads in spans.values()} == {"2"}  # 4 cores shared by 2 jobs
