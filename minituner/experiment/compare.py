@@ -108,8 +108,8 @@ def arms_for(rows: str) -> list[str]:
     wanted = set().union(*(ROWS[row][1] for row in rows))
     wanted |= {NEEDS[arm] for arm in wanted if arm in NEEDS}
     # the longest runs and those other arms build on first, so that no core idles at the end
-    order = ["finetune", "finetune-replay", "instruct-lora", "finetune-instruct", "complementary", "instruct-full",
-             "finetune-lora", *(f"size-{n}" for n in SIZES), *(f"phrasings-{p}" for p in PHRASINGS),
+    order = ["finetune", "finetune-replay", "finetune-lora", "instruct-lora", "finetune-instruct", "complementary",
+             "instruct-full", *(f"size-{n}" for n in SIZES), *(f"phrasings-{p}" for p in PHRASINGS),
              *(f"wrong-{w}" for w in WRONG), "overfit"]
     return [arm for arm in order if arm in wanted]
 
