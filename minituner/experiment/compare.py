@@ -162,7 +162,7 @@ def arm_command(root: Path, arm: str, data: dict, *, seed: int, scale: float) ->
         train = task_variant(root, arm, seed)
     elif arm == "overfit":
         return FINETUNE, out, overfit_flags(root, data, scale, seed)
-    elif arm.startswith("finetune"):
+    elif arm in ("finetune", "finetune-lora", "finetune-replay"):
         return FINETUNE, out, finetune_flags(root, arm, data, finetune, seed)
     return INSTRUCT, out, ["--base", str(base), "--data", str(train), "--val-data", str(data["validation"]),
                            *flags(instruct)]
