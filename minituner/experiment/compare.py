@@ -134,7 +134,8 @@ def train_all(root: Path, arms: list[str], data: dict, *, seed: int, scale: floa
                 ready = arm not in NEEDS or NEEDS[arm] in runs
                 if arm not in runs and arm not in running.values() and ready and len(running) < jobs:
                     running[pool.submit(run_script, *commands[arm], log, threads=threads)] = arm
-            assert running, "an arm waits for one that is not among the arms"
+            if not running:
+                raise RuntimeError("an arm waits for one that is not among the arms")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 runs[running.pop(future)] = future.result()

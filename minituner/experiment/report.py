@@ -10,7 +10,7 @@ Each row lists the arms (training runs) it reads, so that --rows trains only tho
 import json
 from pathlib import Path
 
-from minituner.experiment import builtin
+from minituner.experiment import builtin, prompting
 from minituner.experiment.prompting import SHOTS
 
 SIZES = (100,)  # a smaller training set for (g) (one: the 20-minute budget); the full one is instruct-lora's
@@ -118,8 +118,8 @@ def row_i(R):
                  for k in SHOTS]
         return "; ".join(cells)
     return ("(i) prompting instead of tuning", "exact match (inputs / phrasings) and prompt tokens per query of the "
-            "base with k examples: in its pretraining wording (\"Question: ... Answer:\"); in the chat template; "
-            "against the instruction-tuned model",
+            f"base with k examples (at most {prompting.ITEMS} items a set): in its pretraining wording "
+            "(\"Question: ... Answer:\"); in the chat template; against the instruction-tuned model (every item)",
             f"pretraining wording, k = {wording('pretraining')}. Chat template, k = {wording('chat')}. "
             f"Tuned (LoRA): {at(R, 'scores.instruct-lora.heldout_inputs')} / "
             f"{at(R, 'scores.instruct-lora.heldout_phrasings')}, "

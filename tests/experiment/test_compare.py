@@ -30,7 +30,10 @@ def test_compare_writes_one_row_per_claim(tmp_path, monkeypatch):
     assert set(scores) == {"base", *runs} - {"overfit"} and set(runs) == set(compare.arms_for(report.ROWS))
     assert all(set(scores[arm]) > {"heldout_inputs", "cloze", "general_ppl"} for arm in ("base", *compare.SCORED))
     assert set(scores["wrong-30"]) == {"heldout_inputs", "heldout_phrasings"}  # the task variants: exact match
-    assert not any("exact_match" in summary for summary in runs.values())  # the suite scores, the runs don't
+    scored_by_runs = {"exact_match", "cloze", "general_ppl_after"}  # the suite scores, the runs don't
+    assert not any(scored_by_runs & set(summary) for summary in runs.values())
+    for arm, built_on in {"finetune-instruct": "finetune", "complementary": "finetune-replay"}.items():
+        assert json.loads((out / arm / "config.json").read_text())["base"] == str(out / built_on / "model")
     assert runs["instruct-lora"]["trainable_params"] < runs["instruct-full"]["trainable_params"] / 5
     assert runs["finetune-lora"]["trainable_params"] < runs["finetune-replay"]["trainable_params"] / 5
     assert runs["overfit"]["restored_best"] in (True, False)
