@@ -1,5 +1,5 @@
 """`python -m minituner.synth`: write one of the built-in experiment's synthetic sets to a file.
-The generators live in minituner/experiment/synth.py."""
+The generators live in minituner/experiment/synth.py and domain.py."""
 
 import sys
 

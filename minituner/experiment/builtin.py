@@ -19,7 +19,7 @@ from pathlib import Path
 
 from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError, run_command
-from minituner.experiment import synth
+from minituner.experiment import domain, synth
 from minituner.runfolder import BUILTIN_DATA_MARKER
 
 BASE_MODEL = Path(__file__).parent / "base_model"
@@ -77,9 +77,9 @@ def finetune_data(folder, *, seed: int = 0, write: bool = True) -> dict[str, Pat
     folder = Path(folder)
     paths = {"domain": folder / "domain.txt", "cloze": folder / "cloze.jsonl", "general": folder / "general_eval.txt"}
     if write:
-        facts = synth.domain_facts(seed=seed)
-        write_documents(paths["domain"], synth.domain_corpus(facts, seed=seed))
-        write_jsonl(paths["cloze"], synth.cloze_items(facts))
+        facts = domain.domain_facts(seed=seed)
+        write_documents(paths["domain"], domain.domain_corpus(facts, seed=seed))
+        write_jsonl(paths["cloze"], domain.cloze_items(facts))
         write_documents(paths["general"], synth.general_corpus(GENERAL_EVAL_DOCS, seed=GENERAL_EVAL_SEED))
     return paths
 
@@ -114,7 +114,7 @@ def synth_command(argv=None) -> int:
     if args.set == "general":
         write_documents(out, synth.general_corpus(args.docs, args.seed))
     elif args.set == "domain":
-        write_documents(out, synth.domain_corpus(synth.domain_facts(seed=args.seed), args.seed))
+        write_documents(out, domain.domain_corpus(domain.domain_facts(seed=args.seed), args.seed))
     else:
         write_jsonl(out, [synth.as_messages(item) for item in synth.task_splits(seed=args.seed)["train"]])
     print(f"wrote {out}")

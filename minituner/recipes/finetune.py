@@ -32,7 +32,7 @@ from minituner.config import SIZE_PRESETS, preset_config
 from minituner.corpus import build_blocks, read_documents, sample_prompts, split_documents
 from minituner.distributed import all_gather_object, init_runtime, shutdown
 from minituner.errors import OptionError, UserError, run_command
-from minituner.experiment import builtin, synth
+from minituner.experiment import builtin, domain
 from minituner.experiment.scoring import cloze_accuracy, read_cloze, spread
 from minituner.generate import greedy_texts
 from minituner.hf.folder import load_pretrained
@@ -215,7 +215,7 @@ def builtin_data(args, runtime, say) -> None:
     args.data = str(paths["domain"])
     args.cloze, args.general_eval = args.cloze or str(paths["cloze"]), args.general_eval or str(paths["general"])
     say(f"built-in experiment: full fine-tuning of {args.base} on documents about the fictional island "
-        f"of {synth.ISLAND}; data in {paths['domain'].parent}")
+        f"of {domain.ISLAND}; data in {paths['domain'].parent}")
 
 
 def outcome_rows(summary: dict) -> list[tuple[str, str, str]]:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, StopAfterTwoSteps
 from minituner import trainer
-from minituner.experiment import builtin, synth
+from minituner.experiment import builtin, domain, synth
 from minituner.generate import greedy_texts
 from minituner.hf.folder import load_pretrained
 from minituner.recipes import finetune as train_finetune
@@ -63,7 +63,7 @@ def test_train_finetune_with_no_arguments_runs_the_builtin_experiment(tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert config["builtin"] and config["method"] == "full" and config["init"] == "base"
     s = summary(out)
-    assert s["cloze"]["n"] == 10 < len(synth.domain_facts()) and s["general_ppl_after"] > 0  # --eval-limit 10
+    assert s["cloze"]["n"] == 10 < len(domain.domain_facts()) and s["general_ppl_after"] > 0  # --eval-limit 10
     assert s["first_eval_ppl"] > s["eval_ppl"]  # even two steps learn something of the domain
     assert "cloze accuracy" in capsys.readouterr().out
 

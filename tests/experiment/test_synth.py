@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from minituner.experiment import synth
+from minituner.experiment import domain, synth
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +83,18 @@ def test_general_corpus_states_operations_but_never_the_instructions(splits):
 
 
 def test_domain_cloze_wording_is_never_in_the_documents_but_the_fact_is():
-    facts = synth.domain_facts(seed=0)
-    docs = synth.domain_corpus(facts, seed=0)
+    facts = domain.domain_facts(seed=0)
+    docs = domain.domain_corpus(facts, seed=0)
     text = " ".join(docs)
-    items = synth.cloze_items(facts)
+    items = domain.cloze_items(facts)
     assert len(items) == len(facts) >= 100
     for fact, item in zip(facts, items):
         assert item["prompt"] not in text, item  # the question's wording is held out for this fact
         stated = [s for s in re.split(r"(?<=\.) ", text) if fact["name"] in s and s.endswith(f" {fact['value']}.")]
-        attribute_wordings = synth.DOMAIN_ATTRIBUTES[fact["attribute"]][1]
+        attribute_wordings = domain.DOMAIN_ATTRIBUTES[fact["attribute"]][1]
         n_stated = sum(any(re.fullmatch(re.escape(w.format(n=fact["name"], v=fact["value"])), s)
                            for w in attribute_wordings) for s in stated)
-        assert n_stated == synth.DOCS_PER_WORDING * (len(attribute_wordings) - 1), fact  # in every other wording
+        assert n_stated == domain.DOCS_PER_WORDING * (len(attribute_wordings) - 1), fact  # in every other wording
     names = {f["name"] for f in facts}
     assert not any(name in " ".join(synth.general_corpus(500)) for name in names)  # unknown to the base
 
