@@ -85,7 +85,9 @@ def _process_alive(pid: int) -> bool:
 def _replace_folder(new: Path, target: Path, mode_from: str | None) -> None:
     """Put folder `new` at `target` by renames; a crash leaves the old or the new folder complete."""
     mode = (new / mode_from).stat().st_mode if mode_from else None
-    for file in new.iterdir():  # the data must be on disk before the rename makes it visible
+    for file in new.rglob("*"):  # the data must be on disk before the rename makes it visible
+        if file.is_dir():  # (a sharded checkpoint's folder of slices)
+            continue
         if mode is not None:
             os.chmod(file, mode)
         with open(file, "rb") as f:

@@ -17,7 +17,9 @@ resident set.
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 
@@ -25,8 +27,8 @@ import torch
 from torch import nn
 
 from minituner.config import preset_config
-from minituner.distributed import (Runtime, peak_memory_mib, peak_reserved_mib, reset_peak_memory, synchronize,
-                                   use_device)
+from minituner.distributed import (Runtime, all_gather_object, init_runtime, peak_memory_mib, peak_reserved_mib,
+                                   reset_peak_memory, synchronize, use_device, world_size_from_env)
 from minituner.errors import UserError, run_command
 from minituner.generate import generate, resolve_dtype
 from minituner.hf.folder import load_pretrained
@@ -35,6 +37,7 @@ from minituner.loss import IGNORE_INDEX, linear_loss_sum, lm_loss_sum
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
 from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
+from minituner.sharding import local, local_bytes, shard_model
 from minituner.step import fused_loss, train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
@@ -109,14 +112,20 @@ def flops_per_token(model: Transformer, seq_len: int) -> float:
     return total + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
 
-def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len: int, repeats: int) -> dict:
+def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len: int, repeats: int,
+                   runtime: Runtime | None = None) -> dict:
     """Best-of-`repeats` throughput of training steps on random ids, of the parameters of `model`
-    that require grad (all of them, or LoRA's), with float32 masters of those."""
+    that require grad (all of them, or LoRA's), with float32 masters of those. Under torchrun,
+    each process steps on its own batch, replicated (DDP) or sharded (FSDP) as `runtime` says."""
     device = model.embed_tokens.weight.device
-    masters = MasterWeights(model, compute_dtype(policy, device), device)
+    runtime = runtime or Runtime(device)
+    dtype = compute_dtype(policy, device)
+    if runtime.sharded:
+        masters = shard_model(model, dtype, runtime)
+    else:
+        masters = MasterWeights(model, dtype, device)
     optimizer = build_optimizer(masters.named_masters(), lr=1e-5, weight_decay=0.0)
     scaler = LossScaler(enabled=policy == "fp16")
-    runtime = Runtime(device)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
     batch["labels"][:, 0] = IGNORE_INDEX
@@ -128,8 +137,8 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
                    runtime=runtime)
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    memory = memory_report(device)  # the steps' peak, before the loss is timed alone
-    loss_s = time_loss(model, batch, repeats)
+    memory = {**memory_report(device), **state_report(model, masters, optimizer)}  # the steps' peak, before the
+    loss_s = time_loss(model, batch, repeats) if not runtime.sharded else None      # loss is timed alone
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(m.numel() for m in masters.masters)
     tokens_per_s = batch_size * seq_len / best
@@ -137,7 +146,7 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
     return {
         "params_m": round(n_params / 1e6, 2), "trainable_m": round(n_trained / 1e6, 2),
         "batch_size": batch_size, "seq_len": seq_len, "step_s": round(best, 4),
-        "train_tokens_per_s": round(tokens_per_s, 1), "loss_share": round(loss_s / best, 3),
+        "train_tokens_per_s": round(tokens_per_s, 1), "loss_share": round(loss_s / best, 3) if loss_s else None,
         "mfu": round(flops_per_token(model, seq_len) * tokens_per_s / (peak * 1e12), 4) if peak else None,
         **memory,
     }
@@ -167,6 +176,20 @@ def time_loss(model: Transformer, batch: dict, repeats: int) -> float:
         best = min(best, time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return best
+
+
+def state_report(model: Transformer, masters: MasterWeights, optimizer) -> dict:
+    """MiB this process holds of the training state, by the tensors' own bytes (not the resident
+    set): the model's parameters (and separate float32 masters), the float32 gradients a step
+    fills (one per master element), and the optimizer's state. Sharded, each is this process's
+    slice."""
+    params = local_bytes(model.parameters())
+    if masters.masters is not masters.params:
+        params += local_bytes(masters.masters)
+    grads = sum(local(m).numel() * 4 for m in masters.masters)
+    states = local_bytes(t for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
+    mib = {"params": params / 2**20, "grads": grads / 2**20, "optimizer": states / 2**20}
+    return {f"state_{k}_mib": round(v, 3) for k, v in {**mib, "total": sum(mib.values())}.items()}
 
 
 def memory_report(device: torch.device) -> dict:
@@ -217,6 +240,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *POLICIES],
                    help="auto = bf16 on GPUs that have it, else fp16; fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with --train: run the steps on N processes under torchrun, once replicated (DDP) and once "
+                        "sharded (FSDP), and report both side by side, per process (a GPU each, or CPU processes)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, with --train: shard the training state (FSDP2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     g = p.add_argument_group("the GPU check (minituner/gpucheck.py)")
     g.add_argument("--gpu-check", action="store_true",
@@ -233,14 +260,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
     if args.lora_rank and args.freeze:
         p.error("--freeze and --lora-rank exclude each other: LoRA freezes every base weight")
+    if args.processes < 1 or (args.processes > 1 and not args.train):
+        p.error("--processes N (N >= 1) measures training: give --train")
     return args
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    if args.processes > 1 and world_size_from_env() == 1:
+        return compare_sharding(args, sys.argv[1:] if argv is None else list(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = use_device(args.device)
+    runtime = init_runtime(args.device, fsdp=args.fsdp) if world_size_from_env() > 1 else None
+    device = runtime.device if runtime else use_device(args.device)
     if args.gpu_check:
         from minituner.gpucheck import main_check  # the check builds on this module
         return main_check(device, args.preset or "qwen2.5-0.5b", args.checks, args.json,
@@ -268,17 +300,61 @@ def run(argv=None) -> int:
             for name, p in model.named_parameters():
                 p.requires_grad_(not any(f in name for f in fragments))
         result = bench_training(model.train(), policy=policy, batch_size=args.batch_size,
-                                seq_len=args.prompt_len, repeats=args.repeats)
+                                seq_len=args.prompt_len, repeats=args.repeats, runtime=runtime)
+        if runtime is not None:
+            result = across_processes(result, runtime)
     else:
         result = bench_inference(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
                                  new_tokens=args.new_tokens, repeats=args.repeats)
     result = {"model": args.model or args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "lora_rank": args.lora_rank, **result}
+    if runtime is not None and not runtime.is_main:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:
         width = max(len(k) for k in result)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
+    return 0
+
+
+def across_processes(result: dict, runtime: Runtime) -> dict:
+    """One process's training result made the run's: throughput summed over the processes, and
+    each memory figure the largest any process had (a run needs that much per process)."""
+    results = all_gather_object(result, runtime)
+    out = {**results[0], "processes": runtime.world_size, "fsdp": runtime.sharded,
+           "train_tokens_per_s": round(sum(r["train_tokens_per_s"] for r in results), 1)}
+    for key in results[0]:
+        if key.endswith("_mib"):
+            out[key] = max(r[key] for r in results)
+    return out
+
+
+def compare_sharding(args: argparse.Namespace, argv: list[str]) -> int:
+    """--processes N: the same training steps under torchrun on N processes, replicated (DDP) and
+    sharded (FSDP), side by side. Each process gets an equal share of the CPU cores (OMP_NUM_THREADS)
+    unless --threads or OMP_NUM_THREADS says otherwise."""
+    child = [a for i, a in enumerate(argv) if a != "--processes" and not a.startswith("--processes=")
+             and (i == 0 or argv[i - 1] != "--processes")]
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.processes)))
+    results = {}
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
+               "-m", "minituner.bench", *child, *flags, "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"--processes {args.processes}: the {name} run failed ({last})")
+        results[name] = json.loads(lines[-1])
+    if args.json:
+        print(json.dumps(results))
+    else:
+        keys = list(results["fsdp"])
+        width = max(len(k) for k in keys)
+        print(f"{'':<{width}}  {'ddp':>12}  {'fsdp':>12}")
+        print("\n".join(f"{k:<{width}}  {results['ddp'].get(k)!s:>12}  {results['fsdp'].get(k)!s:>12}" for k in keys))
     return 0
 
 

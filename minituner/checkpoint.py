@@ -14,6 +14,19 @@ only trainable.safetensors and state.json: nothing will train from it again, and
 state it would carry is twice the weights (two AdamW moments per trainable float32). Resuming
 such a run re-exports it; the periodic checkpoints before it keep the full state.
 
+Under --fsdp (minituner/sharding.py) each process writes its own slices, with torch's
+distributed checkpoint (DCP), in place of trainable.safetensors and optimizer.pt:
+
+    RUN/checkpoints/step-000120/
+        sharded/                     .metadata and one __R_0.distcp file per process R: the masters
+                                     ("weights.NAME") and AdamW's state ("optimizer.NAME.exp_avg", ...)
+        rng.pt, state.json           as above (state.json says "sharded": true)
+
+Either kind resumes either way, on any number of processes: DCP cuts the saved slices to the
+new split (resharding), a plain checkpoint is sliced where each process loads it, and a sharded
+one is read whole by a run without --fsdp. `checkpoint_weights` reads any checkpoint's weights
+whole, by name.
+
 Frozen weights are not stored: they are the base model's, which the run config names. Every
 checkpoint is written into a temporary folder that is renamed into place only when complete
 (minituner/atomic.py), and a newer checkpoint is complete before an older one is deleted, so a
@@ -28,17 +41,23 @@ import os
 import random
 import shutil
 import sys
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from minituner.atomic import staged_folder, write_json
 from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError, read_json
+from minituner.sharding import distribute_like
 
 CHECKPOINTS = "checkpoints"
+SHARDED = "sharded"  # a sharded checkpoint's DCP folder
 
 
 def checkpoint_path(run_dir, step: int, kind: str = "step") -> Path:
@@ -128,9 +147,18 @@ def write_failure(e: OSError, what: Path, run_dir) -> UserError:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's weights, optimizer state, RNG states and state.json (absent parts None)."""
+    """A checkpoint's weights, optimizer state, RNG states and state.json (absent parts None). A
+    sharded checkpoint's weights and optimizer state stay on disk, in the DCP folder "sharded"
+    (the parts a process needs are read by restore_masters and restore_optimizer)."""
     path = Path(path)
     state = read_json(path / "state.json")
+    if state is not None and state.get("sharded"):
+        try:
+            _sharded_keys(path / SHARDED)
+            rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) if (path / "rng.pt").is_file() else None
+        except Exception as e:  # a missing or truncated file
+            raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        return {"weights": None, "optimizer": None, "rng": rng, "state": state, "sharded": path / SHARDED}
     if state is None or not (path / "trainable.safetensors").is_file():
         raise UserError(f"{path}: incomplete checkpoint (state.json or trainable.safetensors missing)")
     try:
@@ -141,7 +169,159 @@ def load_checkpoint(path: Path) -> dict:
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) if (path / "rng.pt").is_file() else None
     except Exception as e:  # a truncated or foreign file: safetensors and torch raise various types
         raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
-    return {"weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
+    return {"weights": weights, "optimizer": optimizer, "rng": rng, "state": state, "sharded": None}
+
+
+def load_weights_into(path: Path, params: dict[str, torch.Tensor]) -> None:
+    """Copy the float32 weights of the checkpoint at `path` (either kind), read whole by this
+    process alone, into `params` by name (a fresh model's parameters: no second copy is held)."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    names = set(ckpt["weights"]) if ckpt["sharded"] is None else set(_saved_shapes(ckpt["sharded"], "weights"))
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise UserError(f"{path}: holds weights the model does not have (e.g. {unknown[0]}); "
+                        "it was trained with another model or method")
+    with torch.no_grad():
+        if ckpt["sharded"] is None:
+            for name, t in ckpt["weights"].items():
+                params[name].copy_(t)
+        else:
+            _dcp_load({"weights": {name: params[name].detach() for name in names}}, ckpt["sharded"], collective=False,
+                      source=path)
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 weights of the checkpoint at `path` (either kind), whole, by name."""
+    ckpt = load_checkpoint(path)
+    if ckpt["sharded"] is None:
+        return ckpt["weights"]
+    weights = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in
+               _saved_shapes(ckpt["sharded"], "weights").items()}
+    _dcp_load({"weights": weights}, ckpt["sharded"], collective=False, source=path)
+    return weights
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (--fsdp)
+def save_sharded_checkpoint(path: Path, run_dir, *, masters, state: dict, optimizer=None, rng: list | None = None,
+                            runtime: Runtime) -> None:
+    """Every process writes its slices of the masters (and of AdamW's state) into one staged
+    folder, which rank 0 completes with state.json and rng.pt and renames into place: as atomic as
+    save_checkpoint. Called by every process; a failed write raises write_failure's UserError."""
+    parts = {"weights": {name: m.detach() for name, m in masters.named_masters()}}
+    if optimizer is not None:
+        parts["optimizer"] = named_optimizer_state(optimizer, masters)
+    staged = staged_folder(Path(path), mode_from="state.json") if runtime.is_main else nullcontext()
+    try:
+        with staged as tmp:
+            tmp = Path(all_gather_object(tmp and str(tmp), runtime)[0])  # rank 0's staged folder
+            dcp.save(parts, checkpoint_id=tmp / SHARDED)  # returns when every process's slices are written
+            if runtime.is_main:
+                if rng is not None:
+                    torch.save(rng, tmp / "rng.pt")
+                write_json(tmp / "state.json", {**state, "sharded": True, "optimizer_saved": optimizer is not None})
+    except OSError as e:
+        raise write_failure(e, path, run_dir) from None
+    except dcp.api.CheckpointException as e:  # a process could not write its slices: said by every process
+        failed = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        oserror = next((f for f in failed if isinstance(f, OSError)), None)
+        if oserror is None:
+            raise
+        raise write_failure(oserror, path, run_dir) from None
+
+
+def restore_masters(ckpt: dict, masters, source, runtime: Runtime) -> None:
+    """Load a checkpoint's float32 weights (either kind, from load_checkpoint) into the masters,
+    whole or sharded, then refresh the model. Called by every process."""
+    if ckpt["sharded"] is None:
+        masters.load_state_dict(ckpt["weights"], source=str(source))
+        return
+    masters.check_shapes({name: shape for name, (shape, _) in _saved_shapes(ckpt["sharded"], "weights").items()},
+                         source=str(source))
+    with torch.no_grad():
+        _dcp_load({"weights": {name: m.detach() for name, m in masters.named_masters()}}, ckpt["sharded"],
+                  collective=runtime.world_size > 1, source=source)
+    masters.copy_to_model()
+
+
+def restore_optimizer(ckpt: dict, optimizer, masters, source, runtime: Runtime) -> bool:
+    """Load AdamW's state of a checkpoint (either kind, from load_checkpoint) into `optimizer`,
+    whole or sharded as the masters are; False if the checkpoint has none. Called by every process."""
+    if ckpt["sharded"] is None:
+        saved = ckpt["optimizer"]
+        if saved is None:
+            return False
+        if masters.sharded:
+            load_named_optimizer_state(optimizer, masters, named_optimizer_state(optimizer, masters, saved))
+        else:
+            optimizer.load_state_dict(saved)
+        return True
+    if not ckpt["state"].get("optimizer_saved"):
+        return False
+    by_name = dict(masters.named_masters())
+    named = {}
+    for key, (shape, dtype) in _saved_shapes(ckpt["sharded"], "optimizer").items():
+        name, field = key.rsplit(".", 1)  # NAME.exp_avg
+        if name not in by_name:
+            raise KeyError(name)
+        like = by_name[name]
+        named.setdefault(name, {})[field] = (torch.zeros_like(like) if tuple(shape) == tuple(like.shape)
+                                             else torch.zeros(shape, dtype=dtype))
+    _dcp_load({"optimizer": named}, ckpt["sharded"], collective=runtime.world_size > 1, source=source)
+    load_named_optimizer_state(optimizer, masters, named)
+    return True
+
+
+def named_optimizer_state(optimizer, masters, saved: dict | None = None) -> dict[str, dict]:
+    """AdamW's state of each trained parameter by its name ({"step", "exp_avg", "exp_avg_sq"}), of
+    `optimizer` or of a state_dict() it saved (which numbers the parameters by position)."""
+    name_of = {id(m): name for name, m in masters.named_masters()}
+    if saved is None:
+        return {name_of[id(p)]: dict(optimizer.state[p]) for group in optimizer.param_groups
+                for p in group["params"] if p in optimizer.state}
+    named = {}
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        for i, p in zip(saved_group["params"], group["params"], strict=True):
+            if i in saved["state"]:
+                named[name_of[id(p)]] = saved["state"][i]
+    return named
+
+
+def load_named_optimizer_state(optimizer, masters, named: dict[str, dict]) -> None:
+    """Give `optimizer` the state `named` holds by parameter name; whole tensors are sliced as
+    their sharded parameter is."""
+    by_name = dict(masters.named_masters())
+    position = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = {position[id(by_name[name])]: {k: distribute_like(v, by_name[name]) for k, v in s.items()}
+                           for name, s in named.items()}
+    optimizer.load_state_dict(state_dict)
+
+
+def _saved_shapes(folder: Path, part: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """{name: (shape, dtype)} of what a sharded checkpoint holds under `part` (weights, optimizer)."""
+    prefix = part + "."
+    return {key[len(prefix):]: (meta.size, meta.properties.dtype) for key, meta in _sharded_keys(folder).items()
+            if key.startswith(prefix) and hasattr(meta, "size")}
+
+
+def _sharded_keys(folder: Path) -> dict:
+    """A DCP folder's table of contents, after checking that every file it names is there."""
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    for info in (metadata.storage_data or {}).values():
+        if not (Path(folder) / info.relative_path).is_file():
+            raise FileNotFoundError(f"{info.relative_path} is missing")
+    return metadata.state_dict_metadata
+
+
+def _dcp_load(parts: dict, folder: Path, *, collective: bool, source) -> None:
+    """dcp.load into `parts` in place: with every process (collective) or by this one alone."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # (no_dist: meant)
+            dcp.load(parts, checkpoint_id=str(folder), no_dist=not collective or not dist.is_initialized())
+    except (RuntimeError, ValueError, OSError, dcp.api.CheckpointException) as e:
+        raise UserError(f"{source}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:
@@ -162,6 +342,17 @@ def prune_bests(run_dir, *, keep: set, after: int | None = None) -> None:
         step = int(path.name[len("best-"):])
         if step not in keep or (after is not None and step > after):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _resplit(saved: dict, runtime: Runtime) -> str:
+    """What a resume says when the checkpoint was written by another number of processes, or
+    sharded where this run is not (or the reverse): its state is cut anew for this run."""
+    before = (saved.get("processes", runtime.world_size), bool(saved.get("sharded")))
+    if before == (runtime.world_size, runtime.sharded):
+        return ""
+    def kind(n, sharded):
+        return f"{n} process{'es' if n > 1 else ''}" + (", sharded" if sharded else "")
+    return f" (written by {kind(*before)}; resharded for {kind(runtime.world_size, runtime.sharded)})"
 
 
 def rng_state(device: torch.device) -> dict:
@@ -193,20 +384,31 @@ def save_run(run_dir: Path, state: dict, masters, optimizer, scaler, runtime: Ru
     state. Only the newest `keep` are kept. final: the run ends at this step, so the optimizer
     and RNG states, which only further steps would need, are left out."""
     rngs = None if final else all_gather_object(rng_state(runtime.device), runtime)
+    step, t = state["step"], state["trajectory"]  # the data position follows from the step; written for readers
+    position = {"epoch": step // (t["examples"] // t["global_batch"]), "examples_seen": step * t["global_batch"]}
+    write_checkpoint(checkpoint_path(run_dir, step), run_dir, runtime, masters=masters,
+                     state={**state, "scaler": scaler.state_dict(), "data_position": position,
+                            "processes": runtime.world_size},
+                     optimizer=None if final else optimizer, rng=rngs)
     if runtime.is_main:
-        step, t = state["step"], state["trajectory"]  # the data position follows from the step; written for readers
-        position = {"epoch": step // (t["examples"] // t["global_batch"]), "examples_seen": step * t["global_batch"]}
-        write_checkpoint(checkpoint_path(run_dir, step), run_dir, weights=masters.state_dict(),
-                         state={**state, "scaler": scaler.state_dict(), "data_position": position},
-                         optimizer=None if final else optimizer.state_dict(), rng=rngs)
         prune_checkpoints(run_dir, keep)
         prune_bests(run_dir, keep={state["best_step"]})
 
 
-def write_checkpoint(path: Path, run_dir: Path, **parts) -> None:
-    """save_checkpoint, with a failed write (a full disk) said in one line naming the last good one."""
+def write_checkpoint(path: Path, run_dir: Path, runtime: Runtime, *, masters, state: dict, optimizer=None,
+                     rng: list | None = None) -> None:
+    """A checkpoint of the masters (and the optimizer): written by rank 0 (save_checkpoint), or by
+    every process when they are sharded (save_sharded_checkpoint); called by every process. A
+    failed write (a full disk) is said in one line naming the last good checkpoint."""
+    if masters.sharded:
+        save_sharded_checkpoint(path, run_dir, masters=masters, state=state, optimizer=optimizer, rng=rng,
+                                runtime=runtime)
+        return
+    if not runtime.is_main:
+        return
     try:
-        save_checkpoint(path, **parts)
+        save_checkpoint(path, weights=masters.state_dict(), state=state,
+                        optimizer=None if optimizer is None else optimizer.state_dict(), rng=rng)
     except OSError as e:
         raise write_failure(e, path, run_dir) from None
 
@@ -226,14 +428,13 @@ def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runt
         if key in started and started[key] != value:
             raise UserError(f"{path}: the run was started with {key} = {started[key]}, this one has {value}; "
                             "resume with the run's own options (its config.json), or the steps would not continue it")
-    masters.load_state_dict(ckpt["weights"], source=str(path))
+    restore_masters(ckpt, masters, path, runtime)
     ended = saved["step"] >= trajectory.get("total_steps", saved["step"] + 1) or saved.get("status") == "early_stopped"
-    if ckpt["optimizer"] is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
-    elif not ended:  # (a run's final checkpoint has none: no step follows it)
+    try:
+        has_optimizer = restore_optimizer(ckpt, optimizer, masters, path, runtime)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: the optimizer state does not fit this model ({e})") from None
+    if not has_optimizer and not ended:  # (a run's final checkpoint has none: no step follows it)
         raise UserError(f"{path}: has no optimizer state (optimizer.pt), so training cannot continue from it; "
                         "move it out of the folder to resume from the checkpoint before it, or start the run over")
     scaler.load_state_dict(saved["scaler"])
@@ -243,7 +444,8 @@ def resume_run(run_dir: Path, trajectory: dict, masters, optimizer, scaler, runt
             print(f"warning: skipped {unreadable.name}, which cannot be read ({reason}); resuming from {path.name} "
                   f"(the unreadable one is kept as {aside.name})", file=sys.stderr)
         prune_bests(run_dir, keep={saved["best_step"]}, after=saved["step"])
-        print(f"resuming from {path.name}: step {saved['step']} of {trajectory.get('total_steps', '?')}")
+        print(f"resuming from {path.name}: step {saved['step']} of {trajectory.get('total_steps', '?')}"
+              + _resplit(saved, runtime))
     if ckpt["rng"] and runtime.rank < len(ckpt["rng"]):
         set_rng_state(ckpt["rng"][runtime.rank], runtime.device)
     return saved

@@ -29,6 +29,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    sharded: bool = False  # FSDP (minituner/sharding.py): each process holds 1/world_size of the training state
 
     @property
     def is_main(self) -> bool:
@@ -119,8 +120,12 @@ def peak_reserved_mib(device: torch.device) -> float | None:
     return None
 
 
-def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOUT_MINUTES) -> Runtime:
+def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOUT_MINUTES,
+                 fsdp: bool = False) -> Runtime:
     """This process's device, joining torchrun's process group when launched by torchrun.
+
+    fsdp: shard the training state over the processes (minituner/sharding.py) rather than
+    replicate it; a single process has nothing to shard over and runs as without it.
 
     timeout_minutes bounds how long a collective waits for the other ranks before the run is
     aborted. Rank 0 does some work alone while the others wait in their next collective
@@ -130,7 +135,7 @@ def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOU
     """
     if not timeout_minutes > 0:
         raise OptionError("dist_timeout", f"{timeout_minutes}: must be > 0 minutes")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     if world_size == 1:
         return Runtime(use_device(device_name))
     device = resolve_device(device_name)  # (not made current: each rank takes its own GPU below)
@@ -147,7 +152,12 @@ def init_runtime(device_name: str = "auto", timeout_minutes: float = DIST_TIMEOU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
-    return Runtime(device, rank, world_size)
+    return Runtime(device, rank, world_size, sharded=fsdp)
+
+
+def world_size_from_env() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 1 when started plainly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -17,6 +17,19 @@ loss by a large scale before backward and divides the gradients by it afterwards
 gradient overflows to inf/nan the step is skipped and the scale halves, and after
 `growth_interval` clean steps it doubles (the dynamic scheme of torch.amp.GradScaler, written
 out here so each step is visible in the training loop).
+
+Under FSDP (--fsdp, minituner/sharding.py) it is the same idea, with FSDP's MixedPrecisionPolicy
+making the casts, and each process holding a slice of every master instead of all of it:
+
+    without FSDP (MasterWeights)                     with FSDP (MasterWeights.of_sharded)
+    a float32 master copy of each trained weight      the sharded float32 parameter: its slice is the master
+    the model's weights cast to bf16/fp16, once       each block's slices gathered and cast to param_dtype
+      after every update                                (bf16/fp16) just before it runs, then freed
+    bf16/fp16 gradients added into the fp32 .grad     gradients reduce-scattered in reduce_dtype float32
+      (then summed over processes, in float32)          into the slice's .grad, summed over processes
+    AdamW steps the masters; copied into the model    AdamW steps the slices; the next gather casts them
+
+A frozen base stays in the compute dtype either way; the loss scaler works unchanged.
 """
 
 from dataclasses import dataclass
@@ -109,6 +122,19 @@ class MasterWeights:
             self.masters = [nn.Parameter(p.detach().to(device=device, dtype=torch.float32)) for p in self.params]
             model.to(device=device, dtype=dtype)
         self.grad_buffer: torch.Tensor | None = None  # the step's float32 gradients, flat (see below)
+        self.sharded = False
+
+    @classmethod
+    def of_sharded(cls, model: nn.Module) -> "MasterWeights":
+        """The masters of a model sharded by FSDP (minituner/sharding.py): its trainable float32
+        parameters themselves, each a DTensor holding this process's slice; FSDP casts them to
+        the compute dtype as it gathers them, and reduces their gradients in float32."""
+        self = cls.__new__(cls)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = self.masters = [p for _, p in named]
+        self.dtype, self.grad_buffer, self.sharded = torch.float32, None, True
+        return self
 
     def named_masters(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.names, self.masters))
@@ -120,8 +146,9 @@ class MasterWeights:
     # ranks begin_step(flat=True) first points those at views of one zeroed buffer (as DDP's
     # gradient_as_bucket_view does), and alone they stay per tensor. Between steps none is kept.
     def begin_step(self, flat: bool) -> None:
-        """Before a step's first backward: under fp32 with flat=True, gradients go to one buffer."""
-        if flat and self.masters is self.params:
+        """Before a step's first backward: under fp32 with flat=True, gradients go to one buffer
+        (not when sharded: FSDP keeps each slice's gradient)."""
+        if flat and self.masters is self.params and not self.sharded:
             self.grad_buffer = torch.zeros(sum(m.numel() for m in self.masters), dtype=torch.float32,
                                            device=self.masters[0].device)
             self._attach(self.grad_buffer)
@@ -152,11 +179,12 @@ class MasterWeights:
             p.grad = None
 
     def grads(self) -> list[torch.Tensor]:
-        """The masters' gradients, creating zero ones for parameters that got none this step."""
+        """The masters' gradients, creating zero ones for parameters that got none this step;
+        sharded, this process's slices of them (in place: scaling them scales the gradients)."""
         for m in self.masters:
             if m.grad is None:
                 m.grad = torch.zeros_like(m)
-        return [m.grad for m in self.masters]
+        return [m.grad.to_local() if self.sharded else m.grad for m in self.masters]
 
     def zero_grads(self) -> None:
         """Drop the step's gradients (their memory is free until the next backward)."""
@@ -175,17 +203,24 @@ class MasterWeights:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: m.detach() for name, m in zip(self.names, self.masters)}
 
-    @torch.no_grad()
-    def load_state_dict(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        """Load float32 master values by name (a checkpoint's), then refresh the model."""
+    def check_shapes(self, found: dict, source: str) -> None:
+        """A UserError unless `found` {name: shape} (a checkpoint's) names exactly the masters, in their shapes."""
         expected = {name: tuple(m.shape) for name, m in zip(self.names, self.masters)}
-        found = {name: tuple(t.shape) for name, t in weights.items()}
+        found = {name: tuple(shape) for name, shape in found.items()}
         if expected != found:
             missing = sorted(set(expected) - set(found))[:3]
             unexpected = sorted(set(found) - set(expected))[:3]
             shapes = [n for n in expected.keys() & found.keys() if expected[n] != found[n]][:3]
             raise UserError(f"{source}: holds weights of a different model or method "
                             f"(missing {missing}, unexpected {unexpected}, other shape {shapes})")
+
+    @torch.no_grad()
+    def load_state_dict(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Load float32 master values by name (a checkpoint's), then refresh the model."""
+        self.check_shapes({name: t.shape for name, t in weights.items()}, source)
+        if self.sharded:
+            from minituner.sharding import distribute_like  # (sharding builds on this module)
+            weights = {name: distribute_like(weights[name], m) for name, m in zip(self.names, self.masters)}
         for name, m in zip(self.names, self.masters):
             m.copy_(weights[name])
         self.copy_to_model()

@@ -25,6 +25,7 @@ from minituner.loss import linear_loss_sum, lm_loss_sum, target_count
 from minituner.model import document_spans
 from minituner.optim import clip_grads_, grad_norm
 from minituner.precision import LossScaler, MasterWeights
+from minituner.sharding import global_norm
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -99,7 +100,7 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
 
     spans = [document_spans(b["document_ids"]) if "document_ids" in b else None for b in batches]  # on the host
     batches = [to_device(b, device) for b in batches]  # every copy queued before the first forward
-    masters.begin_step(flat=runtime.world_size > 1)
+    masters.begin_step(flat=runtime.world_size > 1)  # (sharded: FSDP reduce-scatters each backward's gradients)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for batch, batch_spans in zip(batches, spans):
         loss = forward_loss(model, batch, device, spans=batch_spans)  # fp32 sum over this micro-batch's targets
@@ -107,12 +108,15 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
         masters.accumulate_grads()  # into fp32, so many micro-batches do not pile up bf16 rounding
         loss_sum += loss.detach()
 
-    grads = masters.grads()  # (views into one flat buffer under bf16/fp16, or fp32 with several ranks)
-    if runtime.world_size > 1:  # ranks hold disjoint tokens: sum, in place
-        all_reduce_sum_([masters.grad_buffer, loss_sum.view(1)], runtime)
+    grads = masters.grads()  # (views into one flat buffer under bf16/fp16, or fp32 with several ranks; sharded: slices)
+    if runtime.world_size > 1:  # ranks hold disjoint tokens: sum (sharded, FSDP has summed the gradients already)
+        summed = [loss_sum.view(1)] if runtime.sharded else [masters.grad_buffer, loss_sum.view(1)]
+        all_reduce_sum_(summed, runtime)
     if scaler.scale != 1.0:
         torch._foreach_mul_(grads, 1.0 / scaler.scale)  # unscale before measuring or clipping
     norm = grad_norm(grads)
+    if runtime.sharded:  # the norm of this rank's slices: combined with the others' into the global norm
+        norm = global_norm(norm, runtime)
     norm_value, loss_value = torch.stack([norm, loss_sum]).tolist()  # the step's one wait for the device
     finite = math.isfinite(norm_value) and math.isfinite(loss_value)  # one inf/nan anywhere poisons the norm
     if finite:
@@ -129,16 +133,23 @@ def train_step(model, batches: list[dict], *, masters: MasterWeights, optimizer,
 
 @torch.no_grad()
 def evaluate(model, val_set, collate, *, batch_size: int, runtime: Runtime) -> float:
-    """Mean loss over every target token of `val_set` (each rank takes every world_size-th batch)."""
+    """Mean loss over every target token of `val_set` (each rank takes every world_size-th batch;
+    sharded, every rank runs as many forwards, each of which gathers weights with the others)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(val_set)), key=lambda i: -len(val_set[i]["input_ids"]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, target count
-    for chunk in chunks[runtime.rank::runtime.world_size]:
-        batch = collate([val_set[i] for i in chunk])
-        totals[0] += forward_loss(model, batch, runtime.device).double()
-        totals[1] += target_count(batch["labels"])
+    mine = chunks[runtime.rank::runtime.world_size]
+    if runtime.sharded:  # a rank short of a chunk runs one again, not counted
+        rounds = -(-len(chunks) // runtime.world_size)
+        mine = mine + [None] * (rounds - len(mine))
+    for chunk in mine:
+        batch = collate([val_set[i] for i in chunk or (mine[0] or chunks[0])])
+        loss = forward_loss(model, batch, runtime.device).double()
+        if chunk is not None:
+            totals[0] += loss
+            totals[1] += target_count(batch["labels"])
     all_reduce_sum_([totals], runtime)
     model.train(was_training)
     if totals[1] == 0:

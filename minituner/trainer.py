@@ -36,13 +36,14 @@ from tqdm import tqdm
 from minituner.atomic import write_json
 from minituner.batching import micro_batches, step_examples, steps_per_epoch
 from minituner.checkpoint import (CHECKPOINTS, checkpoint_path, list_checkpoints, load_checkpoint, prune_bests,
-                                  resume_run, save_run, write_checkpoint)
+                                  restore_masters, resume_run, save_run, write_checkpoint)
 from minituner.distributed import (Runtime, all_reduce_sum_, broadcast_, peak_memory_mib, peak_reserved_mib,
                                    reset_peak_memory, synchronize)
 from minituner.errors import OptionError, UserError, read_json
 from minituner.optim import BETAS, DEFAULT_LR, build_optimizer, lr_at
 from minituner.precision import LossScaler, MasterWeights, check_policy, compute_dtype
 from minituner.runfolder import MetricsLog, begin_run, check_new_run, lock_run, read_marker, release_run
+from minituner.sharding import shard_model
 from minituner.step import evaluate, train_step
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -174,9 +175,13 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
 
     # What trains: float32 masters of the trainable parameters (the model computes in the policy's
     # dtype and gets the masters copied in after each update), AdamW on the masters, fp16's scaler.
-    masters = MasterWeights(model, compute_dtype(o.precision, runtime.device), runtime.device)
-    broadcast_(masters.masters, runtime)  # every rank starts from rank 0's weights
-    masters.copy_to_model()
+    dtype = compute_dtype(o.precision, runtime.device)
+    if runtime.sharded:  # each rank keeps a slice of each master, FSDP gathers and casts (minituner/sharding.py)
+        masters = shard_model(model, dtype, runtime)
+    else:
+        masters = MasterWeights(model, dtype, runtime.device)
+        broadcast_(masters.masters, runtime)  # every rank starts from rank 0's weights
+        masters.copy_to_model()
     optimizer = build_optimizer(masters.named_masters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
                                 decay_embeddings=o.decay_embeddings)
     scaler = LossScaler(enabled=o.precision == "fp16", init_scale=o.init_scale, growth_interval=o.growth_interval)
@@ -297,10 +302,11 @@ def _evaluate_and_track(model, val_set, collate, run: RunState, masters: MasterW
     run.eval_loss = loss
     if run.best_eval_loss is None or loss < run.best_eval_loss - o.min_delta:
         run.best_eval_loss, run.best_step, run.bad_evals = loss, run.step, 0
-        if o.patience and runtime.is_main:
-            write_checkpoint(checkpoint_path(run_dir, run.step, "best"), run_dir,
-                             weights=masters.state_dict(), state={"step": run.step, "eval_loss": loss})
-            prune_bests(run_dir, keep={run.step})  # once the new one is complete
+        if o.patience:
+            write_checkpoint(checkpoint_path(run_dir, run.step, "best"), run_dir, runtime, masters=masters,
+                             state={"step": run.step, "eval_loss": loss})
+            if runtime.is_main:
+                prune_bests(run_dir, keep={run.step})  # once the new one is complete
     else:
         run.bad_evals += 1
         if o.patience and run.bad_evals >= o.patience:
@@ -356,7 +362,7 @@ def _restore_best(run_dir: Path, run: RunState, masters: MasterWeights, o: Train
         return False
     _agreed(False, runtime)  # a barrier: rank 0 has finished writing the best checkpoint
     path = checkpoint_path(run_dir, run.best_step, "best")
-    masters.load_state_dict(load_checkpoint(path)["weights"], source=str(path))
+    restore_masters(load_checkpoint(path), masters, path, runtime)
     return True
 
 
@@ -380,7 +386,7 @@ def _summary(run: RunState, model, masters: MasterWeights, o: TrainOptions, runt
             "peak_reserved_mib": _rounded(peak_reserved_mib(runtime.device)), "precision": o.precision,
             "trainable_params": sum(m.numel() for m in masters.masters),
             "total_params": sum(p.numel() for p in model.parameters()),
-            "global_batch": global_batch, "world_size": runtime.world_size}
+            "global_batch": global_batch, "world_size": runtime.world_size, "fsdp": runtime.sharded}
 
 
 def _rounded(value: float | None) -> float | None:

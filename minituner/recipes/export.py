@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minituner.atomic import staged_folder
-from minituner.checkpoint import final_checkpoint, load_checkpoint
+from minituner.checkpoint import final_checkpoint, load_weights_into
 from minituner.errors import UserError
 from minituner.hf.folder import save_pretrained
 from minituner.hf.peft import save_adapter
@@ -55,16 +55,7 @@ def export_run(run_dir, summary: dict, model: Transformer, tokenizer: Tokenizer,
         check_export_target(run_dir, name)
     if not names:
         return []
-    path = final_checkpoint(run_dir, summary)
-    weights = load_checkpoint(path)["weights"]
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise UserError(f"{path}: holds weights the model does not have (e.g. {unknown[0]}); "
-                        "it was trained with another model or method")
-    with torch.no_grad():
-        for name, t in weights.items():
-            params[name].copy_(t)
+    path = load_final_weights(run_dir, summary, model)
     written = []
     try:
         if "adapter" in names:
@@ -78,6 +69,15 @@ def export_run(run_dir, summary: dict, model: Transformer, tokenizer: Tokenizer,
         raise UserError(f"could not export into {run_dir} ({reason}); the run's checkpoint {path} is intact: "
                         f"free some space, then --resume {run_dir} to export again") from None
     return written
+
+
+def load_final_weights(run_dir, summary: dict, model: Transformer) -> Path:
+    """Load the trained float32 weights a finished run ended with (its final checkpoint, whole,
+    whether sharded or not) into `model`, built as the run built it before training; return
+    that checkpoint's path. Read by this process alone, into the model's own parameters."""
+    path = final_checkpoint(run_dir, summary)
+    load_weights_into(path, dict(model.named_parameters()))
+    return path
 
 
 def _cast(model: Transformer, dtype: torch.dtype) -> Transformer:

@@ -41,7 +41,7 @@ from minituner.lora import apply_lora, trainable_report
 from minituner.model import Transformer
 from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
-from minituner.recipes.export import export_run
+from minituner.recipes.export import export_run, load_final_weights
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
                                      lora_options, make_collate, read_with_validation, resolve_resume, run_config,
                                      save_dtype, settle, train_options)
@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume is None and not args.base and not args.data and args.init == "base":  # the built-in experiment
         p.set_defaults(builtin=True, **builtin.FINETUNE_OPTIONS)
         args = p.parse_args(argv)
-    args = resolve_resume(args, p, SCRIPT)
+    args = resolve_resume(args, p, SCRIPT, argv)
     if args.isolate_docs and args.layout != "concat":
         p.error("--isolate-docs applies to --layout concat (rows hold one document each already)")
     if args.method == "lora" and args.init == "scratch":
@@ -113,8 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    runtime = init_runtime(args.device, args.dist_timeout)
+    runtime = init_runtime(args.device, args.dist_timeout, fsdp=args.fsdp)
     say = print if runtime.is_main else (lambda *a, **k: None)
+    if args.fsdp and runtime.world_size == 1:
+        say("note: --fsdp with one process: there is nothing to shard over, so it trains as without --fsdp")
     args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
     if args.builtin:
         args.base = str(builtin.check_base_model())
@@ -181,6 +183,10 @@ def run(argv=None) -> int:
         say(f"interrupted at step {summary['steps']}; continue with: python train_finetune.py --resume {args.out}")
         shutdown(runtime)
         return 130
+    if runtime.is_main and runtime.sharded:  # rank 0 cannot run a sharded model alone: a whole copy, trained weights
+        model = fresh_model(args, tokenizer, max_len, lora)
+        load_final_weights(args.out, summary, model)
+        model.to(runtime.device, POLICIES[args.precision])  # as training left it: in the compute dtype
     if runtime.is_main:
         after = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens)
         samples = [{"prompt": tokenizer.decode(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
@@ -192,11 +198,7 @@ def run(argv=None) -> int:
         written = []
         if args.export != "none":
             del model  # the export rebuilds the model in float32 on the CPU and loads the checkpoint's weights
-            fresh = (load_pretrained(args.base, device="cpu", dtype=torch.float32)[0] if args.init == "base"
-                     else scratch_model(args, tokenizer, max_len))
-            freeze(fresh, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
-            if lora:
-                apply_lora(fresh, **lora)
+            fresh = fresh_model(args, tokenizer, max_len, lora)
             base_name = str(Path(args.base).resolve()) if args.base else None
             written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None, base_name=base_name,
                                  export=args.export, dtype=save_dtype(args))
@@ -245,6 +247,17 @@ def scratch_tokenizer(args, train_docs: list[str], max_len: int, runtime) -> Tok
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"--resume {args.out}: the from-scratch run has no tokenizer/ folder")
     return load_tokenizer(folder)
+
+
+def fresh_model(args, tokenizer: Tokenizer, max_len: int, lora: dict | None) -> Transformer:
+    """The model as the run built it before training, in float32 on the CPU (the base or the
+    from-scratch initialisation, frozen parts, adapters), for its trained weights to be loaded into."""
+    model = (load_pretrained(args.base, device="cpu", dtype=torch.float32)[0] if args.init == "base"
+             else scratch_model(args, tokenizer, max_len))
+    freeze(model, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
+    if lora:
+        apply_lora(model, **lora)
+    return model
 
 
 def scratch_model(args, tokenizer: Tokenizer, max_len: int) -> Transformer:

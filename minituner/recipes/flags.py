@@ -15,8 +15,8 @@ import torch
 from minituner.batching import check_row_length, flat_collate, pad_collate
 from minituner.checkpoint import latest_checkpoint
 from minituner.datafile import check_fraction
-from minituner.distributed import DIST_TIMEOUT_MINUTES, Runtime
-from minituner.errors import UserError
+from minituner.distributed import DIST_TIMEOUT_MINUTES, Runtime, world_size_from_env
+from minituner.errors import UserError, read_json
 from minituner.hf.folder import read_config, stored_dtype
 from minituner.lora import ALPHA, DEFAULT_TARGETS, DROPOUT, RANK, check_lora
 from minituner.precision import POLICIES, auto_dtype, slow_cpu_bf16
@@ -28,7 +28,9 @@ from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 # may differ when a run resumes: the machine's flags (activation checkpointing recomputes the same values: it
 # trades time for memory), and, when given again, what the run exports (`--resume RUN --export merged` adds
 # RUN/model/ to a finished run; a plain --resume keeps the run's own choice)
-MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing")
+MACHINE_FLAGS = ("resume", "device", "dist_timeout", "no_progress", "activation_checkpointing", "fsdp")
+# may differ when given again on resume, as long as batch_size x grad_accum x processes stays the run's global batch
+SPLIT_FLAGS = ("batch_size", "grad_accum")
 EXPORT_FLAGS = ("export", "save_dtype")
 PATH_FLAGS = ("base", "data", "val_data", "general_eval", "eval_exact", "cloze")  # eval_exact: a list
 # Library option names whose flag is not simply --the-name (errors.OptionError.as_flag).
@@ -87,6 +89,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only each block's input and recompute the block in the backward pass: less memory for "
                         "activations, about a third more compute, the same gradients")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
+                        "instead of a whole copy in each; with one process there is nothing to shard and it runs "
+                        "as without")
     g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
                    help="under torchrun: how long a rank waits in a collective for the others (rank 0 works alone "
                         "while generating samples, scoring and writing checkpoints) before the run aborts")
@@ -104,9 +110,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay in metrics.jsonl)")
 
 
-def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
+def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, script: str,
+                   argv=None) -> argparse.Namespace:
     """The options to run with: the command line's, or with --resume DIR those saved in DIR's
-    config.json (only the machine's flags may change: a run can move to another machine)."""
+    config.json (only the machine's flags may change: a run can move to another machine; and
+    the split of its global batch, see fit_split)."""
     if args.resume is None:
         args.out = args.out or default_out(script)
         return args
@@ -121,7 +129,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
         return value != saved.get(key)
 
     changed = [k for k, v in vars(args).items()  # (an option the run's config lacks, newer than it, is taken)
-               if k not in MACHINE_FLAGS + EXPORT_FLAGS and k in saved and v != parser.get_default(k)
+               if k not in MACHINE_FLAGS + EXPORT_FLAGS + SPLIT_FLAGS and k in saved and v != parser.get_default(k)
                and differs(k, v)]
     if changed:
         print(f"note: --resume uses the run's saved options; ignoring --{changed[0].replace('_', '-')}"
@@ -132,7 +140,45 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, sc
     for key in EXPORT_FLAGS:
         setattr(merged, key, getattr(args, key) if getattr(args, key) is not None else saved.get(key))
     merged.out = args.resume
+    given = given_flags(parser, argv, SPLIT_FLAGS)
+    for key in given:
+        setattr(merged, key, getattr(args, key))
+    fit_split(merged, given, world_size_from_env())
     return merged
+
+
+def given_flags(parser: argparse.ArgumentParser, argv, names) -> set[str]:
+    """Which of the options `names` the command line sets, whatever the value (a default given
+    again counts as given)."""
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
+    return {name for name in names if getattr(probe, name) is not unset}
+
+
+def fit_split(args: argparse.Namespace, given: set[str], processes: int) -> None:
+    """A resumed run keeps its global batch, batch_size x grad_accum x processes, so that its steps
+    continue the same ones, but may split it otherwise: on another number of processes, or with
+    another --batch-size / --grad-accum. When the run's own split does not fit the processes, and
+    --grad-accum is not given, it is chosen to keep the global batch (said); a split that cannot
+    keep it is refused, naming the numbers."""
+    try:
+        saved = read_json(latest_checkpoint(args.out) / "state.json") or {}
+    except UserError:
+        return  # (said by settle: nothing to resume from)
+    target = (saved.get("trajectory") or {}).get("global_batch")
+    split = args.batch_size * args.grad_accum * processes
+    if target is None or split == target:
+        return
+    per_step = target // processes  # examples per process per step
+    if "grad_accum" not in given and target % processes == 0 and per_step % args.batch_size == 0:
+        print(f"note: the run's global batch is {target} examples; on {processes} process(es) with --batch-size "
+              f"{args.batch_size} that is --grad-accum {per_step // args.batch_size}", file=sys.stderr)
+        args.grad_accum = per_step // args.batch_size
+        return
+    fix = (f"give --batch-size and --grad-accum whose product is {per_step}" if target % processes == 0 else
+           f"resume on a number of processes that divides {target}")
+    raise UserError(f"--resume {args.out}: the run's global batch is {target} examples (batch size x grad accum x "
+                    f"processes), and {args.batch_size} x {args.grad_accum} x {processes} is {split}: {fix}")
 
 
 def default_out(script: str) -> str:

@@ -39,7 +39,7 @@ from minituner.hf.tokenizer import set_chat_format
 from minituner.lora import apply_lora, trainable_report
 from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
-from minituner.recipes.export import export_run
+from minituner.recipes.export import export_run, load_final_weights
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
                                      lora_options, make_collate, read_with_validation, resolve_resume, run_config,
                                      save_dtype, settle, train_options)
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume is None and not args.base and not args.data:  # the built-in experiment
         p.set_defaults(builtin=True, **builtin.INSTRUCT_OPTIONS)
         args = p.parse_args(argv)
-    args = resolve_resume(args, p, SCRIPT)
+    args = resolve_resume(args, p, SCRIPT, argv)
     if not args.builtin and (not args.base or not args.data):
         p.error("give --base and --data (or neither, for the built-in experiment; or --resume DIR)")
     return args
@@ -91,8 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    runtime = init_runtime(args.device, args.dist_timeout)
+    runtime = init_runtime(args.device, args.dist_timeout, fsdp=args.fsdp)
     say = print if runtime.is_main else (lambda *a, **k: None)
+    if args.fsdp and runtime.world_size == 1:
+        say("note: --fsdp with one process: there is nothing to shard over, so it trains as without --fsdp")
     # ranks that started on another second named another default folder and date: rank 0's hold
     now = datetime.now().isoformat(timespec="seconds")
     args.out, args.template_date = all_gather_object((args.out, args.template_date or now), runtime)[0]
@@ -159,6 +161,10 @@ def run(argv=None) -> int:
         say(f"interrupted at step {summary['steps']}; continue with: python train_instruct.py --resume {args.out}")
         shutdown(runtime)
         return 130
+    if runtime.is_main and runtime.sharded:  # rank 0 cannot run a sharded model alone: a whole copy, trained weights
+        model = fresh_model(args, lora)
+        load_final_weights(args.out, summary, model)
+        model.to(runtime.device, POLICIES[args.precision])  # as training left it: in the compute dtype
     if runtime.is_main:
         after = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens)
         samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": conv[-1]["content"],
@@ -176,10 +182,7 @@ def run(argv=None) -> int:
         written = []
         if args.export != "none":
             del model  # the export rebuilds the model in float32 on the CPU from the base and the checkpoint
-            fresh, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
-            if lora:
-                apply_lora(fresh, **lora)  # its initial values are replaced by the trained ones
-            written = export_run(args.out, summary, fresh, tokenizer, lora=lora is not None,
+            written = export_run(args.out, summary, fresh_model(args, lora), tokenizer, lora=lora is not None,
                                  base_name=str(Path(args.base).resolve()), export=args.export, dtype=save_dtype(args))
         print_outcome(summary, samples, written, args.out)
         if scores_before:
@@ -193,6 +196,15 @@ def run(argv=None) -> int:
 
 
 # ----------------------------------------------------------------------------- steps of run()
+def fresh_model(args, lora: dict | None):
+    """The model as the run built it before training, in float32 on the CPU: the base, with the
+    adapters (their initial values, which the trained ones replace)."""
+    model, _ = load_pretrained(args.base, device="cpu", dtype=torch.float32)
+    if lora:
+        apply_lora(model, **lora)
+    return model
+
+
 def builtin_data(args, runtime, say) -> None:
     """The built-in experiment's inputs: the shipped base, and the task splits written into
     RUN/data/ (validation for the loss; the held-out sets scored by exact match, before any

@@ -1,0 +1,80 @@
+"""Sharded data parallelism (FSDP2): each process keeps 1/N of every trained weight, of its
+gradient and of its optimizer state, and holds a block's whole weights only while it computes.
+
+    torchrun --nproc_per_node 4 train_finetune.py --fsdp --base MODEL --data corpus.txt
+
+Without --fsdp, data parallelism is written out in step.py: every process holds the whole
+model, its float32 gradients and AdamW's two moments, about 16 bytes per trained parameter
+(a 7B model: ~112 GB per process), and the gradients are summed over processes after the
+micro-batches. With --fsdp, `shard_model` hands each transformer block, then the model with
+what is left (embeddings, final norm, output layer), to torch's `fully_shard`. Each parameter
+becomes a DTensor holding this process's slice of its first dimension. Before a block runs
+forward (and again before its backward) FSDP all-gathers the slices into whole weights and
+frees them after; after its backward it reduce-scatters the gradients, so each process gets
+the sum over processes of its own slice's gradient. The optimizer then updates slices only.
+
+Precision is precision.py's scheme (its docstring sets the two side by side): the sharded
+float32 parameters are the master weights, and FSDP's MixedPrecisionPolicy casts them to the
+compute dtype as it gathers them and reduces the gradients in float32. A LoRA base is frozen:
+it stays in the compute dtype and is sharded as it is; the adapters are made float32 first.
+
+Gradients are summed over processes, never averaged (divide factor 1, sum-only collectives):
+the loss is already divided by the step's target-token count over every micro-batch and
+process (step.py), so each token weighs the same however the step is split.
+"""
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from minituner.distributed import Runtime, all_reduce_sum_, broadcast_
+from minituner.precision import MasterWeights
+
+
+def shard_model(model: nn.Module, dtype: torch.dtype, runtime: Runtime) -> MasterWeights:
+    """Shard `model` over the processes (each block, then the root) to compute in `dtype`; return
+    its masters, which are its own sharded float32 trainable parameters. Every process starts
+    from rank 0's weights."""
+    model.to(runtime.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trainable:  # the slices are the masters: float32 (a LoRA adapter built in bf16 beside its base)
+            p.data = p.data.float()
+    broadcast_(trainable, runtime)  # before sharding: fully_shard slices each process's own copy
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)  # the model casts its own inputs, as without FSDP
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # sum the gradients over processes: see the module docstring
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return MasterWeights.of_sharded(model)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a sharded tensor (the same storage); a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def global_norm(local_norm: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The L2 norm over every process's slices, from this process's norm of its own: the slices
+    are disjoint, so the squares add up (an inf or nan anywhere reaches every process)."""
+    squared = local_norm.double().square().view(1)
+    all_reduce_sum_([squared], runtime)
+    return squared.sqrt().float().view(())
+
+
+def distribute_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (a whole tensor every process has) sharded as `like` is, when `like` is a DTensor
+    of its shape; else `full`, unchanged. No communication: each process keeps its own slice."""
+    if isinstance(like, DTensor) and tuple(full.shape) == tuple(like.shape):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return full
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of this process's slices of `tensors` (whole tensors when not sharded)."""
+    return sum(local(t).numel() * t.element_size() for t in tensors)

@@ -1,0 +1,71 @@
+"""Several runs in one torchrun launch, for tests/recipes/test_fsdp.py: starting the processes
+costs more than the tiny runs themselves.
+
+    torchrun --standalone --nproc_per_node 2 tests/fsdp_runs.py JOBS.json
+
+JOBS.json is a list of {"script": "finetune" | "instruct" | "bench", "argv": [...]}, optionally
+with "stop_after": N (the run stops after step N as a SIGTERM would make it, checkpointed),
+"kill_after": N (every process kills itself with SIGKILL after step N, before any checkpoint of
+that step: the launch ends there) and "stdout": PATH (where rank 0's output goes). The process group stays up from one run to the
+next (the scripts' shutdown is skipped). Exits 1 if a run returned other than expected (0, or
+130 for a stopped one).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from minituner import bench, trainer
+from minituner.recipes import finetune, instruct
+
+SCRIPTS = {"finetune": finetune, "instruct": instruct, "bench": bench}
+
+
+def stopping_after(n: int, kill: bool = False):
+    class StopAfter(trainer.StopRequest):
+        """A stop request that arrives during step n (the loop asks once per step), or a kill -9."""
+
+        def __init__(self):
+            super().__init__()
+            self.checks = 0
+
+        @property
+        def requested(self):
+            self.checks += 1
+            if kill and self.checks >= n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.checks >= n
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    return StopAfter
+
+
+def main() -> int:
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    finetune.shutdown = instruct.shutdown = lambda runtime: None  # one process group for every run
+    failed = 0
+    for job in jobs:
+        trainer.StopRequest = (stopping_after(job["stop_after"]) if "stop_after" in job else
+                               stopping_after(job["kill_after"], kill=True) if "kill_after" in job else StopRequest)
+        out = open(job["stdout"], "w") if "stdout" in job and os.environ["RANK"] == "0" else None
+        with contextlib.redirect_stdout(out) if out else contextlib.nullcontext():
+            code = SCRIPTS[job["script"]].main(job["argv"])
+        if out:
+            out.close()
+        failed += code != (130 if "stop_after" in job else 0)
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+StopRequest = trainer.StopRequest
+
+if __name__ == "__main__":
+    sys.exit(main())
