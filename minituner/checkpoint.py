@@ -48,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from minituner.atomic import staged_folder, write_json
@@ -208,6 +207,7 @@ def save_sharded_checkpoint(path: Path, run_dir, *, masters, state: dict, optimi
     """Every process writes its slices of the masters (and of AdamW's state) into one staged
     folder, which rank 0 completes with state.json and rng.pt and renames into place: as atomic as
     save_checkpoint. Called by every process; a failed write raises write_failure's UserError."""
+    import torch.distributed.checkpoint as dcp  # (imported when used: see sharding.py)
     parts = {"weights": {name: m.detach() for name, m in masters.named_masters()}}
     if optimizer is not None:
         parts["optimizer"] = named_optimizer_state(optimizer, masters)
@@ -307,6 +307,7 @@ def _saved_shapes(folder: Path, part: str) -> dict[str, tuple[torch.Size, torch.
 
 def _sharded_keys(folder: Path) -> dict:
     """A DCP folder's table of contents, after checking that every file it names is there."""
+    import torch.distributed.checkpoint as dcp
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
     for info in (metadata.storage_data or {}).values():
         if not (Path(folder) / info.relative_path).is_file():
@@ -316,6 +317,7 @@ def _sharded_keys(folder: Path) -> dict:
 
 def _dcp_load(parts: dict, folder: Path, *, collective: bool, source) -> None:
     """dcp.load into `parts` in place: with every process (collective) or by this one alone."""
+    import torch.distributed.checkpoint as dcp
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # (no_dist: meant)

@@ -16,7 +16,8 @@ The rows of the table it prints:
       those of the CPU, bf16 close; peak memory of a packed step at the preset's shape.
   resume      train_finetune.py (built-in experiment) killed with SIGKILL after its first
       checkpoint, then resumed, ends where an uninterrupted run ends.
-  torchrun    that run over every visible GPU equals one process with the same global batch.
+  torchrun    that run over every visible GPU equals one process with the same global batch;
+      torchrun-fsdp, the same with --fsdp (FSDP2 over NCCL).
   cuda-tests  pytest -m cuda, in a checkout (the tests/ folder next to minituner/).
 The exit status is 0 when no row failed; a skipped row (bf16 on a GPU without it, one GPU for
 torchrun, an installed package without tests/) says why.
@@ -74,7 +75,7 @@ def run_checks(device: torch.device, preset: str, checks=CHECKS, seq_len: int = 
         "generation": [("generation", lambda: _generation(device, preset))],
         "packing": [("packing", lambda: _packing(device, preset, seq_len))],
         "resume": [("resume", lambda: _resume(device))],
-        "torchrun": [("torchrun", lambda: _torchrun(device))],
+        "torchrun": [("torchrun", lambda: _torchrun(device)), ("torchrun-fsdp", lambda: _torchrun(device, fsdp=True))],
         "cuda-tests": [("cuda-tests", lambda: _cuda_tests(device))],
     }
     for name, check in (row for wanted in checks for row in plan[wanted]):
@@ -261,23 +262,25 @@ def _resume(device) -> Row:
                                              f"ended {how}; losses within {loss_diff:.1e}")
 
 
-def _torchrun(device) -> Row:
+def _torchrun(device, fsdp: bool = False) -> Row:
+    name = "torchrun-fsdp" if fsdp else "torchrun"
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if gpus < 2:
-        return Row("torchrun", "skipped", detail=f"{gpus} GPU visible: data parallelism needs two or more")
+        return Row(name, "skipped", detail=f"{gpus} GPU visible: data parallelism needs two or more")
     with tempfile.TemporaryDirectory(prefix="minituner-gpucheck-") as tmp:
         single, multi = Path(tmp) / "single", Path(tmp) / "multi"
         # The same global batch: one process accumulating `gpus` micro-batches, or `gpus` processes.
         _run(FINETUNE + _finetune_args(single, "cuda", "--grad-accum", str(gpus)))
         _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-              "-m", "minituner.recipes.finetune", *_finetune_args(multi, "cuda")])
+              "-m", "minituner.recipes.finetune", *_finetune_args(multi, "cuda"), *(["--fsdp"] if fsdp else [])])
         diff = _weight_diff(single, multi)
         loss_diff = max(abs(a - b) for a, b in zip(_losses(single), _losses(multi)))
         summary = json.loads((multi / "summary.json").read_text())
     ok = loss_diff < 0.02 and summary["world_size"] == gpus  # sums in another order: close, not equal
-    return Row("torchrun", "pass" if ok else "FAIL", summary["tokens_per_s"], None, summary["peak_memory_mib"],
+    ok = ok and summary.get("fsdp", False) == fsdp
+    return Row(name, "pass" if ok else "FAIL", summary["tokens_per_s"], None, summary["peak_memory_mib"],
                summary.get("peak_reserved_mib"),
-               detail=f"{gpus} processes vs one with {gpus} micro-batches: losses within {loss_diff:.1e}, "
+               detail=f"{gpus} processes{' sharded' if fsdp else ''} vs one with {gpus} micro-batches: losses within {loss_diff:.1e}, "
                       f"weights within {diff:.1e}")
 
 

@@ -25,17 +25,30 @@ process (step.py), so each token weighs the same however the step is split.
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from minituner.distributed import Runtime, all_reduce_sum_, broadcast_
+from minituner.errors import OptionError
 from minituner.precision import MasterWeights
+
+
+def check_fsdp() -> None:
+    """An OptionError unless this torch has what --fsdp uses: FSDP2's fully_shard with sum-only
+    gradient reduction (tested with torch 2.13; torch 2.5, the floor without --fsdp, lacks it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+    except ImportError:
+        FSDPModule = None
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise OptionError("fsdp", f"this torch ({torch.__version__}) lacks FSDP2's sum-only gradient reduction; "
+                                  "install a newer one (tested with 2.13), or train without --fsdp (DDP)")
 
 
 def shard_model(model: nn.Module, dtype: torch.dtype, runtime: Runtime) -> MasterWeights:
     """Shard `model` over the processes (each block, then the root) to compute in `dtype`; return
     its masters, which are its own sharded float32 trainable parameters. Every process starts
     from rank 0's weights."""
+    check_fsdp()
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     model.to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -54,9 +67,16 @@ def shard_model(model: nn.Module, dtype: torch.dtype, runtime: Runtime) -> Maste
     return MasterWeights.of_sharded(model)
 
 
+# torch.distributed.tensor is imported where a DTensor is met, not with this module: the import
+# costs about a second, and every command (chat, generate, the scripts) imports this module.
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (a sharded parameter, its gradient or its optimizer state)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's slice of a sharded tensor (the same storage); a plain tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_sharded(t) else t
 
 
 def global_norm(local_norm: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -70,7 +90,8 @@ def global_norm(local_norm: torch.Tensor, runtime: Runtime) -> torch.Tensor:
 def distribute_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` (a whole tensor every process has) sharded as `like` is, when `like` is a DTensor
     of its shape; else `full`, unchanged. No communication: each process keeps its own slice."""
-    if isinstance(like, DTensor) and tuple(full.shape) == tuple(like.shape):
+    if is_sharded(like) and not is_sharded(full) and tuple(full.shape) == tuple(like.shape):
+        from torch.distributed.tensor import distribute_tensor
         return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
     return full
 

@@ -87,7 +87,7 @@ def test_the_gpu_check_runs_its_rows_on_the_cpu_as_a_dry_run(capsys):
     results = {row["check"]: row["result"] for row in report["rows"]}
     assert results == {"train-full-bf16": "pass", "train-full-fp16": "pass", "train-lora-bf16": "pass",
                        "train-lora-fp16": "pass", "generation": "pass", "packing": "pass",
-                       "torchrun": "skipped", "cuda-tests": "skipped"}
+                       "torchrun": "skipped", "torchrun-fsdp": "skipped", "cuda-tests": "skipped"}
     generation = next(row for row in report["rows"] if row["check"] == "generation")
     assert "llama31-tiny" in generation["detail"] and generation["tokens_per_s"] > 0  # checked against HF's ids
 

@@ -5,6 +5,7 @@ settings). Each recipe adds its own data flags and keeps its `main` readable top
 """
 
 import argparse
+import os
 import sys
 import time
 from functools import partial
@@ -23,6 +24,7 @@ from minituner.precision import POLICIES, auto_dtype, slow_cpu_bf16
 from minituner.recipes.export import EXPORTS, SAVE_DTYPES, export_folders
 from minituner.recipes.report import real_token_share
 from minituner.runfolder import check_new_run, check_outside_runs, read_run_config, shown, start_run_folder
+from minituner.sharding import check_fsdp
 from minituner.trainer import SCHEDULES, TrainOptions, check_early_stopping
 
 # may differ when a run resumes: the machine's flags (activation checkpointing recomputes the same values: it
@@ -171,8 +173,9 @@ def fit_split(args: argparse.Namespace, given: set[str], processes: int) -> None
         return
     per_step = target // processes  # examples per process per step
     if "grad_accum" not in given and target % processes == 0 and per_step % args.batch_size == 0:
-        print(f"note: the run's global batch is {target} examples; on {processes} process(es) with --batch-size "
-              f"{args.batch_size} that is --grad-accum {per_step // args.batch_size}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (said once under torchrun)
+            print(f"note: the run's global batch is {target} examples; on {processes} process(es) with --batch-size "
+                  f"{args.batch_size} that is --grad-accum {per_step // args.batch_size}", file=sys.stderr)
         args.grad_accum = per_step // args.batch_size
         return
     fix = (f"give --batch-size and --grad-accum whose product is {per_step}" if target % processes == 0 else
@@ -200,6 +203,8 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float, sa
     config.json records what ran and a resumed run (maybe elsewhere) runs the same; and check,
     before any work, what would otherwise fail only after the model and data are loaded."""
     args.precision = resolve_precision(args.precision, device)
+    if args.fsdp and world_size_from_env() > 1:
+        check_fsdp()
     if args.padding_free is None:  # a run resumed from before the flag keeps the padded batches it began with
         args.padding_free = args.resume is None
     if args.precision == "bf16" and slow_cpu_bf16(device):
