@@ -28,7 +28,7 @@ from torch import nn
 
 from minituner.config import preset_config
 from minituner.distributed import (Runtime, all_gather_object, init_runtime, peak_memory_mib, peak_reserved_mib,
-                                   reset_peak_memory, synchronize, use_device, world_size_from_env)
+                                   reset_peak_memory, shutdown, synchronize, use_device, world_size_from_env)
 from minituner.errors import UserError, run_command
 from minituner.generate import generate, resolve_dtype
 from minituner.hf.folder import load_pretrained
@@ -37,8 +37,8 @@ from minituner.loss import IGNORE_INDEX, linear_loss_sum, lm_loss_sum
 from minituner.model import Transformer
 from minituner.optim import build_optimizer
 from minituner.precision import POLICIES, LossScaler, MasterWeights, compute_dtype
-from minituner.sharding import local, local_bytes, shard_model
-from minituner.step import fused_loss, train_step
+from minituner.sharding import local_bytes, shard_model
+from minituner.step import forward_loss, fused_loss, train_step
 
 # Shapes of real models, built with random weights so the benchmark needs no download.
 PRESETS = {  # a size preset's shape with its model's vocabulary and context (tiny: the test models', tests/fixtures)
@@ -137,8 +137,9 @@ def bench_training(model: Transformer, *, policy: str, batch_size: int, seq_len:
                    runtime=runtime)
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    memory = {**memory_report(device), **state_report(model, masters, optimizer)}  # the steps' peak, before the
-    loss_s = time_loss(model, batch, repeats) if not runtime.sharded else None      # loss is timed alone
+    memory = memory_report(device)  # the steps' peak, before the training state is measured and the loss timed
+    memory.update(state_report(model, masters, optimizer, batch))
+    loss_s = time_loss(model, batch, repeats) if not runtime.sharded else None  # (a forward gathers with every rank)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(m.numel() for m in masters.masters)
     tokens_per_s = batch_size * seq_len / best
@@ -178,15 +179,18 @@ def time_loss(model: Transformer, batch: dict, repeats: int) -> float:
     return best
 
 
-def state_report(model: Transformer, masters: MasterWeights, optimizer) -> dict:
+def state_report(model: Transformer, masters: MasterWeights, optimizer, batch: dict) -> dict:
     """MiB this process holds of the training state, by the tensors' own bytes (not the resident
-    set): the model's parameters (and separate float32 masters), the float32 gradients a step
-    fills (one per master element), and the optimizer's state. Sharded, each is this process's
-    slice."""
+    set): the model's parameters (and separate float32 masters), the masters' gradients after a
+    backward pass of `batch` (float32, as a step accumulates them), and the optimizer's state.
+    Sharded, each is this process's slice."""
     params = local_bytes(model.parameters())
     if masters.masters is not masters.params:
         params += local_bytes(masters.masters)
-    grads = sum(local(m).numel() * 4 for m in masters.masters)
+    forward_loss(model, batch).backward()
+    masters.accumulate_grads()
+    grads = local_bytes(m.grad for m in masters.masters if m.grad is not None)
+    masters.zero_grads()
     states = local_bytes(t for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
     mib = {"params": params / 2**20, "grads": grads / 2**20, "optimizer": states / 2**20}
     return {f"state_{k}_mib": round(v, 3) for k, v in {**mib, "total": sum(mib.values())}.items()}
@@ -262,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--freeze and --lora-rank exclude each other: LoRA freezes every base weight")
     if args.processes < 1 or (args.processes > 1 and not args.train):
         p.error("--processes N (N >= 1) measures training: give --train")
+    if args.fsdp and (not args.train or world_size_from_env() == 1):
+        p.error("--fsdp shards training over the processes torchrun starts; --train --processes N runs DDP and "
+                "FSDP side by side")
     return args
 
 
@@ -308,8 +315,10 @@ def run(argv=None) -> int:
                                  new_tokens=args.new_tokens, repeats=args.repeats)
     result = {"model": args.model or args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "lora_rank": args.lora_rank, **result}
-    if runtime is not None and not runtime.is_main:
-        return 0
+    if runtime is not None:
+        shutdown(runtime)
+        if not runtime.is_main:
+            return 0
     if args.json:
         print(json.dumps(result))
     else:

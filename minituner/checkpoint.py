@@ -154,9 +154,11 @@ def load_checkpoint(path: Path) -> dict:
     if state is not None and state.get("sharded"):
         try:
             _sharded_keys(path / SHARDED)
-            rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) if (path / "rng.pt").is_file() else None
+            rng = (torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+                   if (path / "rng.pt").is_file() else None)
         except Exception as e:  # a missing or truncated file
-            raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise UserError(f"{path}: cannot read the checkpoint ({reason})") from None
         return {"weights": None, "optimizer": None, "rng": rng, "state": state, "sharded": path / SHARDED}
     if state is None or not (path / "trainable.safetensors").is_file():
         raise UserError(f"{path}: incomplete checkpoint (state.json or trainable.safetensors missing)")
@@ -216,10 +218,12 @@ def save_sharded_checkpoint(path: Path, run_dir, *, masters, state: dict, optimi
         with staged as tmp:
             tmp = Path(all_gather_object(tmp and str(tmp), runtime)[0])  # rank 0's staged folder
             dcp.save(parts, checkpoint_id=tmp / SHARDED)  # returns when every process's slices are written
+            failure = None
             if runtime.is_main:
-                if rng is not None:
-                    torch.save(rng, tmp / "rng.pt")
-                write_json(tmp / "state.json", {**state, "sharded": True, "optimizer_saved": optimizer is not None})
+                failure = _complete(tmp, {**state, "sharded": True, "optimizer_saved": optimizer is not None}, rng)
+            failure = all_gather_object(failure, runtime)[0]  # rank 0's failure stops every process
+            if failure is not None:
+                raise failure
     except OSError as e:
         raise write_failure(e, path, run_dir) from None
     except dcp.api.CheckpointException as e:  # a process could not write its slices: said by every process
@@ -230,11 +234,32 @@ def save_sharded_checkpoint(path: Path, run_dir, *, masters, state: dict, optimi
         raise write_failure(oserror, path, run_dir) from None
 
 
+def _complete(tmp: Path, state: dict, rng: list | None) -> OSError | None:
+    """Rank 0's part of a sharded checkpoint, once every process has written its slices: check
+    they are all there to read (every process must write into the one run folder: on several
+    machines, a filesystem they share), then add rng.pt and state.json. The OSError if one fails."""
+    try:
+        _sharded_keys(tmp / SHARDED)
+    except OSError as e:
+        return OSError(e.errno, f"{e.strerror or e} where rank 0 reads it: every process must write into the same "
+                                "run folder (on several machines, a filesystem they all share)")
+    try:
+        if rng is not None:
+            torch.save(rng, tmp / "rng.pt")
+        write_json(tmp / "state.json", state)
+    except OSError as e:
+        return e
+    return None
+
+
 def restore_masters(ckpt: dict, masters, source, runtime: Runtime) -> None:
     """Load a checkpoint's float32 weights (either kind, from load_checkpoint) into the masters,
     whole or sharded, then refresh the model. Called by every process."""
-    if ckpt["sharded"] is None:
-        masters.load_state_dict(ckpt["weights"], source=str(source))
+    if ckpt["sharded"] is None:  # whole tensors, sliced where the masters are sharded
+        by_name = dict(masters.named_masters())
+        weights = {name: distribute_like(t, by_name[name]) if name in by_name else t
+                   for name, t in ckpt["weights"].items()}
+        masters.load_state_dict(weights, source=str(source))
         return
     masters.check_shapes({name: shape for name, (shape, _) in _saved_shapes(ckpt["sharded"], "weights").items()},
                          source=str(source))
@@ -309,9 +334,15 @@ def _sharded_keys(folder: Path) -> dict:
     """A DCP folder's table of contents, after checking that every file it names is there."""
     import torch.distributed.checkpoint as dcp
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    sizes = {}  # file -> the bytes its entries reach
     for info in (metadata.storage_data or {}).values():
-        if not (Path(folder) / info.relative_path).is_file():
-            raise FileNotFoundError(f"{info.relative_path} is missing")
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sizes.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise OSError(errno.ENOENT, f"{name} is missing")
+        if path.stat().st_size < size:
+            raise OSError(errno.EIO, f"{name} is cut short ({path.stat().st_size} of {size} bytes)")
     return metadata.state_dict_metadata
 
 
@@ -323,7 +354,8 @@ def _dcp_load(parts: dict, folder: Path, *, collective: bool, source) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # (no_dist: meant)
             dcp.load(parts, checkpoint_id=str(folder), no_dist=not collective or not dist.is_initialized())
     except (RuntimeError, ValueError, OSError, dcp.api.CheckpointException) as e:
-        raise UserError(f"{source}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise UserError(f"{source}: cannot read the checkpoint ({reason})") from None
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:

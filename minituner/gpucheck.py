@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from minituner.bench import PRESETS, bench_inference, flops_per_token, peak_tflops, random_model
+from minituner.checkpoint import checkpoint_weights, list_checkpoints
 from minituner.config import preset_config
 from minituner.distributed import Runtime, peak_memory_mib, peak_reserved_mib, reset_peak_memory, synchronize
 from minituner.errors import OptionError, UserError
@@ -280,7 +281,8 @@ def _torchrun(device, fsdp: bool = False) -> Row:
     ok = ok and summary.get("fsdp", False) == fsdp
     return Row(name, "pass" if ok else "FAIL", summary["tokens_per_s"], None, summary["peak_memory_mib"],
                summary.get("peak_reserved_mib"),
-               detail=f"{gpus} processes{' sharded' if fsdp else ''} vs one with {gpus} micro-batches: losses within {loss_diff:.1e}, "
+               detail=f"{gpus} processes{' sharded' if fsdp else ''} vs one with {gpus} micro-batches: "
+                      f"losses within {loss_diff:.1e}, "
                       f"weights within {diff:.1e}")
 
 
@@ -320,7 +322,7 @@ def _losses(run: Path) -> list[float]:
 
 def _weight_diff(a: Path, b: Path) -> float:
     """Largest difference between the newest step checkpoints' weights of two run folders."""
-    newest = [load_file(sorted((run / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors") for run in (a, b)]
+    newest = [checkpoint_weights(list_checkpoints(run)[-1]) for run in (a, b)]  # (either kind: sharded or whole)
     return max((newest[0][k].float() - newest[1][k].float()).abs().max().item() for k in newest[0])
 
 

@@ -218,10 +218,7 @@ class MasterWeights:
     def load_state_dict(self, weights: dict[str, torch.Tensor], source: str) -> None:
         """Load float32 master values by name (a checkpoint's), then refresh the model."""
         self.check_shapes({name: t.shape for name, t in weights.items()}, source)
-        if self.sharded:
-            from minituner.sharding import distribute_like  # (sharding builds on this module)
-            weights = {name: distribute_like(weights[name], m) for name, m in zip(self.names, self.masters)}
-        for name, m in zip(self.names, self.masters):
+        for name, m in zip(self.names, self.masters):  # (sharded: `weights` are sharded as the masters are)
             m.copy_(weights[name])
         self.copy_to_model()
 

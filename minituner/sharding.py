@@ -18,6 +18,10 @@ float32 parameters are the master weights, and FSDP's MixedPrecisionPolicy casts
 compute dtype as it gathers them and reduces the gradients in float32. A LoRA base is frozen:
 it stays in the compute dtype and is sharded as it is; the adapters are made float32 first.
 
+Each micro-batch's backward reduce-scatters its gradients into the slices' .grad, where they
+add up (FSDP2's default): with --grad-accum A that is A times the traffic of reducing once per
+step, as DDP does here, but no process ever holds a whole gradient.
+
 Gradients are summed over processes, never averaged (divide factor 1, sum-only collectives):
 the loss is already divided by the step's target-token count over every micro-batch and
 process (step.py), so each token weighs the same however the step is split.

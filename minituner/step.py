@@ -151,6 +151,8 @@ def evaluate(model, val_set, collate, *, batch_size: int, runtime: Runtime) -> f
             totals[0] += loss
             totals[1] += target_count(batch["labels"])
     all_reduce_sum_([totals], runtime)
+    if runtime.sharded:  # FSDP keeps the root's gathered weights after a forward without backward: free them, so
+        model.reshard()  # that no later forward reads them after the slices change (a restored best checkpoint)
     model.train(was_training)
     if totals[1] == 0:
         raise UserError("the validation set has no target tokens")

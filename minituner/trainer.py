@@ -171,7 +171,6 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
     global_batch = o.batch_size * o.grad_accum * runtime.world_size
     total_steps = o.steps or math.ceil(o.epochs * steps_per_epoch(len(train_set), global_batch))
     locked = runtime.is_main and (lock_run(run_dir) if resume else _start_fresh(run_dir, run_config))
-    reset_peak_memory(runtime.device)  # the summary's peak is training's, not loading's
 
     # What trains: float32 masters of the trainable parameters (the model computes in the policy's
     # dtype and gets the masters copied in after each update), AdamW on the masters, fp16's scaler.
@@ -182,6 +181,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
         masters = MasterWeights(model, dtype, runtime.device)
         broadcast_(masters.masters, runtime)  # every rank starts from rank 0's weights
         masters.copy_to_model()
+    reset_peak_memory(runtime.device)  # the summary's peak is training's: not loading's, nor the model's before sharding
     optimizer = build_optimizer(masters.named_masters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
                                 decay_embeddings=o.decay_embeddings)
     scaler = LossScaler(enabled=o.precision == "fp16", init_scale=o.init_scale, growth_interval=o.growth_interval)

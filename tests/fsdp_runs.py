@@ -6,7 +6,8 @@ costs more than the tiny runs themselves.
 JOBS.json is a list of {"script": "finetune" | "instruct" | "bench", "argv": [...]}, optionally
 with "stop_after": N (the run stops after step N as a SIGTERM would make it, checkpointed),
 "kill_after": N (every process kills itself with SIGKILL after step N, before any checkpoint of
-that step: the launch ends there) and "stdout": PATH (where rank 0's output goes). The process group stays up from one run to the
+that step: the launch ends there), "fused": true (the loss fused with the output layer whatever
+the vocabulary, as real models' is) and "stdout": PATH (where rank 0's output goes). The process group stays up from one run to the
 next (the scripts' shutdown is skipped). Exits 1 if a run returned other than expected (0, or
 130 for a stopped one).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from minituner import bench, trainer
+from minituner import bench, step, trainer
 from minituner.recipes import finetune, instruct
 
 SCRIPTS = {"finetune": finetune, "instruct": instruct, "bench": bench}
@@ -50,11 +51,12 @@ def stopping_after(n: int, kill: bool = False):
 
 def main() -> int:
     jobs = json.loads(Path(sys.argv[1]).read_text())
-    finetune.shutdown = instruct.shutdown = lambda runtime: None  # one process group for every run
+    finetune.shutdown = instruct.shutdown = bench.shutdown = lambda runtime: None  # one process group for every run
     failed = 0
     for job in jobs:
         trainer.StopRequest = (stopping_after(job["stop_after"]) if "stop_after" in job else
                                stopping_after(job["kill_after"], kill=True) if "kill_after" in job else StopRequest)
+        step.FUSED_MIN_VOCAB = 0 if job.get("fused") else FUSED_MIN_VOCAB
         out = open(job["stdout"], "w") if "stdout" in job and os.environ["RANK"] == "0" else None
         with contextlib.redirect_stdout(out) if out else contextlib.nullcontext():
             code = SCRIPTS[job["script"]].main(job["argv"])
@@ -65,7 +67,7 @@ def main() -> int:
     return 1 if failed else 0
 
 
-StopRequest = trainer.StopRequest
+StopRequest, FUSED_MIN_VOCAB = trainer.StopRequest, step.FUSED_MIN_VOCAB
 
 if __name__ == "__main__":
     sys.exit(main())

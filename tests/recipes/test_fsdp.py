@@ -14,15 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, ROOT, StopAfterTwoSteps
-from minituner import trainer
+from conftest import DATA, FIXTURES, ROOT, StopAfterTwoSteps
+from minituner import step, trainer
 from minituner.checkpoint import checkpoint_weights, list_checkpoints
 from minituner.hf.folder import load_pretrained
-from minituner.recipes import finetune
+from minituner.recipes import finetune, instruct
 
 pytestmark = pytest.mark.slow
 BASES = {"llama": FIXTURES / "llama-tiny", "gpt2": FIXTURES / "gpt2-tiny"}
-METHODS = {"full": ["--method", "full", "--lr", "2e-3"], "lora": ["--method", "lora", "--lora-dropout", "0", "--lr", "2e-3"]}
+METHODS = {"full": ["--method", "full", "--lr", "2e-3"],
+           "lora": ["--method", "lora", "--lora-dropout", "0", "--lr", "2e-3"]}
 COMBOS = [(base, method) for base in BASES for method in METHODS]
 LOW_PRECISION = [("lora", "bf16"), ("full", "fp16")]  # (method, precision) on llama-tiny
 
@@ -32,6 +33,13 @@ def flags(data, base: str, method: str, out) -> list[str]:
     return ["--base", str(BASES[base]), "--data", str(data), "--out", str(out), "--val-fraction", "0.2", "--steps", "6",
             "--eval-every", "3", "--save-every", "2", "--max-len", "64", "--samples", "1", "--max-new-tokens", "4",
             "--no-progress", *METHODS[method]]
+
+
+def instruct_flags(out) -> list[str]:
+    """train_instruct.py, LoRA, on a real ShareGPT file: 3 steps of a global batch of 2."""
+    return ["--base", str(BASES["llama"]), "--data", str(DATA / "fastchat_dummy_conversation.json"), "--out", str(out),
+            "--steps", "3", "--max-len", "96", "--samples", "1", "--max-new-tokens", "4", "--lora-dropout", "0",
+            "--lr", "2e-3", "--no-progress"]
 
 
 def launch(jobs: list[dict], folder) -> subprocess.CompletedProcess:
@@ -72,8 +80,11 @@ def runs(tmp_path_factory):
              + (["--activation-checkpointing"] if b == "gpt2" else [])} for b, m in COMBOS]
     jobs += [{"script": "finetune", "argv": flags(data, "llama", m, root / f"llama-{m}-{p}-fsdp") + two
               + ["--fsdp", "--precision", p]} for m, p in LOW_PRECISION]
-    jobs += [{"script": "finetune", "argv": flags(data, "llama", "full", root / "early-fsdp") + two
-              + ["--fsdp", "--eval-every", "1", "--patience", "2", "--min-delta", "10"]},
+    jobs += [{"script": "finetune", "argv": flags(data, "llama", "full", root / "fused-fsdp") + two + ["--fsdp"],
+              "fused": True},
+             {"script": "instruct", "argv": instruct_flags(root / "instruct-fsdp") + ["--batch-size", "1", "--fsdp"]},
+             {"script": "finetune", "argv": flags(data, "llama", "full", root / "early-fsdp") + two
+              + ["--fsdp", "--eval-every", "1", "--patience", "2", "--min-delta", "10", "--general-eval", str(data)]},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "stopped-fsdp") + two + ["--fsdp"],
               "stop_after": 3},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "stopped-ddp") + two, "stop_after": 3},
@@ -86,6 +97,12 @@ def runs(tmp_path_factory):
     assert (root / "bench-fsdp.json").is_file(), first.stderr[-3000:]
     for b, m in COMBOS:  # the same runs on one process, a batch of 4, no --fsdp
         assert finetune.main(flags(data, b, m, root / f"{b}-{m}-one") + ["--batch-size", "4"]) == 0
+    assert instruct.main(instruct_flags(root / "instruct-one") + ["--batch-size", "2"]) == 0
+    step.FUSED_MIN_VOCAB, fused_from = 0, step.FUSED_MIN_VOCAB
+    try:
+        assert finetune.main(flags(data, "llama", "full", root / "fused-one") + ["--batch-size", "4"]) == 0
+    finally:
+        step.FUSED_MIN_VOCAB = fused_from
     for m, p in LOW_PRECISION:
         assert finetune.main(flags(data, "llama", m, root / f"llama-{m}-{p}-one") + ["--batch-size", "4",
                                                                                      "--precision", p]) == 0
@@ -121,8 +138,21 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(runs, base, method
         assert max_diff(exported, {n: p.detach() for n, p in merged.named_parameters()}) < 1e-5
         adapters = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (sharded, one)]
         assert max_diff(*adapters) < 1e-5
-    samples = json.loads((sharded / "samples.json").read_text())["samples"]  # rank 0 generated from a whole copy
-    assert len(samples) == 1 and samples[0]["after"] == json.loads((one / "samples.json").read_text())["samples"][0]["after"]
+    samples = [json.loads((run / "samples.json").read_text())["samples"] for run in (sharded, one)]
+    assert len(samples[0]) == 1 and samples[0][0]["after"] == samples[1][0]["after"]  # rank 0 from a whole copy
+
+
+def test_the_fused_loss_and_instruction_tuning_under_fsdp_train_what_one_process_trains(runs):
+    """The loss fused with the output layer (real vocabularies: it reads the root's output weight
+    outside the model's forward), and train_instruct.py with LoRA on a real ShareGPT file."""
+    assert max_diff(final_weights(runs / "fused-fsdp"), final_weights(runs / "fused-one")) < 1e-5
+    sharded, one = runs / "instruct-fsdp", runs / "instruct-one"
+    assert json.loads((sharded / "summary.json").read_text())["fsdp"]
+    assert max_diff(final_weights(sharded), final_weights(one)) < 1e-5
+    adapters = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (sharded, one)]
+    assert max_diff(*adapters) < 1e-5
+    samples = [json.loads((run / "samples.json").read_text())["samples"][0]["after"] for run in (sharded, one)]
+    assert samples[0] == samples[1]
 
 
 @pytest.mark.parametrize("method, precision", LOW_PRECISION)
@@ -146,6 +176,8 @@ def test_early_stopping_under_fsdp_ends_on_the_best_weights(runs):
     ends on the step-0 weights, the base's own, read back from a sharded best checkpoint."""
     summary = json.loads((runs / "early-fsdp" / "summary.json").read_text())
     assert summary["status"] == "early_stopped" and summary["restored_best"] and summary["best_step"] == 0
+    # measured on the restored weights, whole: no gathered copy of the last step's is left to be read
+    assert summary["general_loss_after"] == pytest.approx(summary["general_loss_before"], abs=1e-6)
     assert (runs / "early-fsdp" / "checkpoints" / "best-000000" / "sharded" / ".metadata").is_file()
     base = load_file(BASES["llama"] / "model.safetensors")
     exported = load_file(runs / "early-fsdp" / "model" / "model.safetensors")
