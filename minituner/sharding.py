@@ -50,25 +50,36 @@ def check_fsdp() -> None:
 def shard_model(model: nn.Module, dtype: torch.dtype, runtime: Runtime) -> MasterWeights:
     """Shard `model` over the processes (each block, then the root) to compute in `dtype`; return
     its masters, which are its own sharded float32 trainable parameters. Every process starts
-    from rank 0's weights."""
+    from rank 0's weights. The model may wait on the CPU (the scripts load it there under
+    --fsdp): one block at a time goes whole to the device, to be cut into slices there."""
     check_fsdp()
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    model.to(runtime.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for p in trainable:  # the slices are the masters: float32 (a LoRA adapter built in bf16 beside its base)
-            p.data = p.data.float()
-    broadcast_(trainable, runtime)  # before sharding: fully_shard slices each process's own copy
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)  # the model casts its own inputs, as without FSDP
     for block in model.layers:
+        block.to(runtime.device)
+        _prepare(block.parameters(), runtime)
         fully_shard(block, mp_policy=policy)
+    for name, child in model.named_children():  # the root's own: embeddings, final norm, output layer
+        if name != "layers":
+            child.to(runtime.device)
+    _prepare([p for p in model.parameters() if not is_sharded(p)], runtime)
     fully_shard(model, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # sum the gradients over processes: see the module docstring
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return MasterWeights.of_sharded(model)
+
+
+@torch.no_grad()
+def _prepare(params, runtime: Runtime) -> None:
+    """Trainable parameters made float32 (the slices are the masters; a LoRA adapter is built in
+    its base's bf16) and given rank 0's values: fully_shard cuts each process's own copy."""
+    trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()
+    broadcast_(trainable, runtime)
 
 
 # torch.distributed.tensor is imported where a DTensor is met, not with this module: the import

@@ -43,8 +43,8 @@ from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run, load_final_weights
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
-                                     lora_options, make_collate, read_with_validation, resolve_resume, run_config,
-                                     save_dtype, settle, train_options)
+                                     lora_options, make_collate, model_home, on_device, read_with_validation,
+                                     resolve_resume, run_config, save_dtype, settle, train_options)
 from minituner.recipes.report import print_outcome, print_table
 from minituner.runfolder import release_all
 from minituner.tokenizer import Tokenizer
@@ -135,14 +135,14 @@ def run(argv=None) -> int:
     # Model and tokenizer: a pretrained folder, or fresh ones (the tokenizer learns the training documents)
     if args.init == "base":
         load_dtype = POLICIES[args.precision] if lora else torch.float32  # a frozen base trains in the compute dtype
-        model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
+        model, tokenizer = load_pretrained(args.base, device=model_home(runtime), dtype=load_dtype)
         max_len = args.max_len or min(1024, model.config.max_seq_len)
         check_max_len(max_len, model.config, say, args.max_new_tokens if args.samples or args.cloze else 0)
     else:
         max_len = args.max_len or 256
         claim_run_folder(args, runtime, SCRIPT)  # its tokenizer is kept in it
         tokenizer = scratch_tokenizer(args, train_docs, max_len, runtime)
-        model = scratch_model(args, tokenizer, max_len).to(runtime.device)
+        model = scratch_model(args, tokenizer, max_len).to(model_home(runtime))
     say(f"model: {model_line(model)}")
     freeze(model, embeddings=args.freeze_embeddings, layers=args.freeze_layers)
     if lora:  # the adapters, before the data, so that a wrong --lora-targets is said at once
@@ -172,9 +172,12 @@ def run(argv=None) -> int:
     # Samples before training (a fresh adapter has B = 0: the outputs are still the base's)
     prompts = sample_prompts(val_docs or train_docs, tokenizer, args.samples)
     stops = [tokenizer.eos_id]
-    before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
     cloze = spread(read_cloze(args.cloze), args.eval_limit) if args.cloze else None
-    cloze_before = cloze_accuracy(model, tokenizer, cloze) if cloze and runtime.is_main else None
+    before, cloze_before = [], None
+    if runtime.is_main:
+        with on_device(model, runtime, needed=bool(prompts or cloze)):
+            before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens)
+            cloze_before = cloze_accuracy(model, tokenizer, cloze) if cloze else None
 
     summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
                     extra_evals=extra, resume=args.resume is not None, run_config=run_config(args, SCRIPT),

@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -242,6 +243,27 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float, sa
         check_new_run(args.out)  # a new or empty folder, never one holding anything of the user's or a run
     else:
         latest_checkpoint(args.out)  # before any work: a run with nothing to resume from
+
+
+def model_home(runtime: Runtime) -> torch.device:
+    """Where a script loads the model: its device, or under --fsdp the CPU, from which the
+    sharding takes one block at a time to the device (sharding.shard_model), so that no process
+    holds the whole model there."""
+    return torch.device("cpu") if runtime.sharded else runtime.device
+
+
+@contextmanager
+def on_device(model, runtime: Runtime, needed: bool = True):
+    """Rank 0's generations and scores before training run on its device: under --fsdp the model
+    waits on the CPU (model_home), so it visits the device for them (needed: anything to generate)."""
+    visit = needed and runtime.sharded and runtime.device.type != "cpu"
+    if visit:
+        model.to(runtime.device)
+    try:
+        yield
+    finally:
+        if visit:
+            model.to("cpu")
 
 
 def claim_run_folder(args: argparse.Namespace, runtime: Runtime, script: str) -> None:

@@ -41,8 +41,8 @@ from minituner.optim import DEFAULT_LR
 from minituner.precision import POLICIES
 from minituner.recipes.export import export_run, load_final_weights
 from minituner.recipes.flags import (FLAGS, add_method_flags, add_training_flags, check_max_len, claim_run_folder,
-                                     lora_options, make_collate, read_with_validation, resolve_resume, run_config,
-                                     save_dtype, settle, train_options)
+                                     lora_options, make_collate, model_home, on_device, read_with_validation,
+                                     resolve_resume, run_config, save_dtype, settle, train_options)
 from minituner.recipes.report import print_outcome, print_table
 from minituner.runfolder import release_all
 from minituner.sft import build_examples, n_prefix, prompt_ids, show_mask
@@ -111,7 +111,7 @@ def run(argv=None) -> int:
     # Model: a LoRA base is frozen, so it can live in the compute dtype from the start; full
     # fine-tuning needs the float32 weights, of which the trainer makes its masters.
     load_dtype = POLICIES[args.precision] if lora else torch.float32
-    model, tokenizer = load_pretrained(args.base, device=runtime.device, dtype=load_dtype)
+    model, tokenizer = load_pretrained(args.base, device=model_home(runtime), dtype=load_dtype)
     template = default_template(tokenizer) if args.template == "auto" else args.template
     check_template(template, tokenizer)
     max_len = args.max_len or min(2048, model.config.max_seq_len)
@@ -149,10 +149,13 @@ def run(argv=None) -> int:
     prompts = [prompt_ids(conv, tokenizer, template) for conv in held_out]
     prompts = [fit_prompt(ids, n_prefix(ids, tokenizer), max_len - args.max_new_tokens) for ids in prompts]
     stops = stop_ids(template, tokenizer)
-    before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens) if runtime.is_main else []
-    score = partial(score_sets, eval_sets=read_eval_sets(args.eval_exact, args.eval_limit), tokenizer=tokenizer,
-                    template=template, max_new_tokens=args.max_new_tokens)
-    scores_before = score(model) if runtime.is_main else {}
+    eval_sets = read_eval_sets(args.eval_exact, args.eval_limit)
+    score = partial(score_sets, eval_sets=eval_sets, tokenizer=tokenizer, template=template,
+                    max_new_tokens=args.max_new_tokens)
+    before, scores_before = [], {}
+    if runtime.is_main:
+        with on_device(model, runtime, needed=bool(prompts or eval_sets)):
+            before, scores_before = greedy_texts(model, tokenizer, prompts, stops, args.max_new_tokens), score(model)
 
     summary = train(model, train_set, collate, options=options, runtime=runtime, run_dir=args.out, val_set=val_set,
                     resume=args.resume is not None, run_config=run_config(args, SCRIPT),
