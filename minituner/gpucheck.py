@@ -221,10 +221,13 @@ def _packing(device, preset: str, seq_len: int) -> Row:
 FINETUNE = [sys.executable, "-m", "minituner.recipes.finetune"]
 
 
+RUN_STEPS = 20  # the short fine-tuning runs of the resume and torchrun checks, checkpointed halfway
+
+
 def _finetune_args(out: Path, device: str, *extra: str) -> list[str]:
-    """A short run of the built-in fine-tuning experiment, checkpointing every 10 of its 20 steps."""
-    return ["--out", str(out), "--steps", "20", "--save-every", "10", "--batch-size", "4", "--eval-limit", "8",
-            "--samples", "0", "--no-progress", "--device", device, *extra]
+    """A short run of the built-in fine-tuning experiment, checkpointing halfway through its RUN_STEPS steps."""
+    return ["--out", str(out), "--steps", str(RUN_STEPS), "--save-every", str(RUN_STEPS // 2), "--batch-size", "4",
+            "--eval-limit", "8", "--samples", "0", "--no-progress", "--device", device, *extra]
 
 
 def _resume(device) -> Row:
@@ -238,7 +241,8 @@ def _resume(device) -> Row:
             _run(FINETUNE + _finetune_args(again, str(device)))
         process = subprocess.Popen(FINETUNE + _finetune_args(killed, str(device)), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        first = killed / "checkpoints" / "step-000010"
+        half = RUN_STEPS // 2
+        first = killed / "checkpoints" / f"step-{half:06d}"
         deadline = time.time() + 300
         while not first.is_dir() and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -253,13 +257,13 @@ def _resume(device) -> Row:
         status = json.loads((killed / "summary.json").read_text())["status"]
     resumed_at = next((line.split("step ")[-1] for line in said.splitlines() if line.startswith("resuming from")), "")
     problems = []
-    if not resumed_at.startswith(("10 ", "11 ", "12 ")):  # the checkpoint at 10, or one written before the kill
+    if not resumed_at.startswith(tuple(f"{half + k} " for k in range(3))):  # the checkpoint halfway, or one after
         problems.append(f"the resumed run did not start from the killed run's checkpoint ({resumed_at or 'no word'})")
     if diff > 4 * floor or status != "completed":
         problems.append(f"it ended {status} and {diff:.2e} away from an uninterrupted run (noise floor {floor:.2e})")
     how = "bit for bit" if diff == 0 else f"{diff:.2e} from an uninterrupted run (two of those differ by {floor:.2e})"
     return Row("resume", "FAIL" if problems else "pass",
-               detail="; ".join(problems) or f"killed after step 10, resumed at step {resumed_at.split()[0]}, "
+               detail="; ".join(problems) or f"killed after step {half}, resumed at step {resumed_at.split()[0]}, "
                                              f"ended {how}; losses within {loss_diff:.1e}")
 
 

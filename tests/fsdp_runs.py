@@ -7,9 +7,9 @@ JOBS.json is a list of {"script": "finetune" | "instruct" | "bench", "argv": [..
 with "stop_after": N (the run stops after step N as a SIGTERM would make it, checkpointed),
 "kill_after": N (every process kills itself with SIGKILL after step N, before any checkpoint of
 that step: the launch ends there), "fused": true (the loss fused with the output layer whatever
-the vocabulary, as real models' is) and "stdout": PATH (where rank 0's output goes). The process group stays up from one run to the
-next (the scripts' shutdown is skipped). Exits 1 if a run returned other than expected (0, or
-130 for a stopped one).
+the vocabulary, as real models' is) and "stdout": PATH (where rank 0's output goes; rank R's to
+PATH.rankR). The process group stays up from one run to the next (the scripts' shutdown is
+skipped). Exits 1 if a run returned other than expected (0, or 130 for a stopped one).
 """
 
 import contextlib
@@ -57,7 +57,8 @@ def main() -> int:
         trainer.StopRequest = (stopping_after(job["stop_after"]) if "stop_after" in job else
                                stopping_after(job["kill_after"], kill=True) if "kill_after" in job else StopRequest)
         step.FUSED_MIN_VOCAB = 0 if job.get("fused") else FUSED_MIN_VOCAB
-        out = open(job["stdout"], "w") if "stdout" in job and os.environ["RANK"] == "0" else None
+        rank = os.environ["RANK"]
+        out = open(job["stdout"] + ("" if rank == "0" else f".rank{rank}"), "w") if "stdout" in job else None
         with contextlib.redirect_stdout(out) if out else contextlib.nullcontext():
             code = SCRIPTS[job["script"]].main(job["argv"])
         if out:

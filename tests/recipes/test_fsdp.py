@@ -83,6 +83,8 @@ def runs(tmp_path_factory):
     jobs += [{"script": "finetune", "argv": flags(data, "llama", "full", root / "fused-fsdp") + two + ["--fsdp"],
               "fused": True},
              {"script": "instruct", "argv": instruct_flags(root / "instruct-fsdp") + ["--batch-size", "1", "--fsdp"]},
+             {"script": "instruct", "argv": instruct_flags(root / "instruct-ddp") + ["--batch-size", "1", "--steps", "2"],
+              "stdout": str(root / "instruct-ddp.txt")},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "early-fsdp") + two
               + ["--fsdp", "--eval-every", "1", "--patience", "2", "--min-delta", "10", "--general-eval", str(data)]},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "stopped-fsdp") + two + ["--fsdp"],
@@ -153,6 +155,16 @@ def test_the_fused_loss_and_instruction_tuning_under_fsdp_train_what_one_process
     assert max_diff(*adapters) < 1e-5
     samples = [json.loads((run / "samples.json").read_text())["samples"][0]["after"] for run in (sharded, one)]
     assert samples[0] == samples[1]
+
+
+def test_real_sharegpt_file_under_torchrun(runs):
+    """Two gloo processes without --fsdp: one run folder, written once, from a real ShareGPT file."""
+    summary = json.loads((runs / "instruct-ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed" and not summary["fsdp"]
+    assert json.loads((runs / "instruct-ddp" / "config.json").read_text())["template"] == "auto"
+    assert (runs / "instruct-ddp.txt").read_text().count("written:") == 1  # rank 0's output
+    assert "written:" not in (runs / "instruct-ddp.txt.rank1").read_text()  # and not rank 1's
+    assert (runs / "instruct-ddp" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("method, precision", LOW_PRECISION)
