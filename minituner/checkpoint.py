@@ -14,18 +14,12 @@ only trainable.safetensors and state.json: nothing will train from it again, and
 state it would carry is twice the weights (two AdamW moments per trainable float32). Resuming
 such a run re-exports it; the periodic checkpoints before it keep the full state.
 
-Under --fsdp (minituner/sharding.py) each process writes its own slices, with torch's
-distributed checkpoint (DCP), in place of trainable.safetensors and optimizer.pt:
-
-    RUN/checkpoints/step-000120/
-        sharded/                     .metadata and one __R_0.distcp file per process R: the masters
-                                     ("weights.NAME") and AdamW's state ("optimizer.NAME.exp_avg", ...)
-        rng.pt, state.json           as above (state.json says "sharded": true)
-
-Either kind resumes either way, on any number of processes: DCP cuts the saved slices to the
-new split (resharding), a plain checkpoint is sliced where each process loads it, and a sharded
-one is read whole by a run without --fsdp. `checkpoint_weights` reads any checkpoint's weights
-whole, by name.
+Under --fsdp (minituner/sharding.py) each process writes its own slices of the masters and of
+AdamW's state into step-N/sharded/ (minituner/sharded_checkpoint.py), in place of
+trainable.safetensors and optimizer.pt; rng.pt and state.json stay (it says "sharded": true).
+Either kind resumes either way, on any number of processes: the saved slices are cut to the new
+split (resharding), a whole checkpoint is sliced where each process loads it, and a sharded one
+is read whole by a run without --fsdp. `checkpoint_weights` reads any checkpoint's weights whole.
 
 Frozen weights are not stored: they are the base model's, which the run config names. Every
 checkpoint is written into a temporary folder that is renamed into place only when complete
@@ -41,22 +35,22 @@ import os
 import random
 import shutil
 import sys
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from minituner.atomic import staged_folder, write_json
 from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError, read_json
+from minituner.sharded_checkpoint import (SHARDED, load_named_optimizer_state, load_sharded_optimizer,
+                                          load_sharded_weights, named_optimizer_state, saved_shapes, sharded_keys,
+                                          write_sharded)
 from minituner.sharding import distribute_like
 
 CHECKPOINTS = "checkpoints"
-SHARDED = "sharded"  # a sharded checkpoint's DCP folder
 
 
 def checkpoint_path(run_dir, step: int, kind: str = "step") -> Path:
@@ -153,7 +147,7 @@ def load_checkpoint(path: Path) -> dict:
     state = read_json(path / "state.json")
     if state is not None and state.get("sharded"):
         try:
-            _sharded_keys(path / SHARDED)
+            sharded_keys(path / SHARDED)
             rng = (torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
                    if (path / "rng.pt").is_file() else None)
         except Exception as e:  # a missing or truncated file
@@ -178,7 +172,7 @@ def load_weights_into(path: Path, params: dict[str, torch.Tensor]) -> None:
     process alone, into `params` by name (a fresh model's parameters: no second copy is held)."""
     path = Path(path)
     ckpt = load_checkpoint(path)
-    names = set(ckpt["weights"]) if ckpt["sharded"] is None else set(_saved_shapes(ckpt["sharded"], "weights"))
+    names = set(ckpt["weights"]) if ckpt["sharded"] is None else set(saved_shapes(ckpt["sharded"], "weights"))
     unknown = sorted(names - set(params))
     if unknown:
         raise UserError(f"{path}: holds weights the model does not have (e.g. {unknown[0]}); "
@@ -188,8 +182,8 @@ def load_weights_into(path: Path, params: dict[str, torch.Tensor]) -> None:
             for name, t in ckpt["weights"].items():
                 params[name].copy_(t)
         else:
-            _dcp_load({"weights": {name: params[name].detach() for name in names}}, ckpt["sharded"], collective=False,
-                      source=path)
+            load_sharded_weights(ckpt["sharded"], {name: params[name].detach() for name in names}, collective=False,
+                                 source=path)
 
 
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -198,40 +192,27 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     if ckpt["sharded"] is None:
         return ckpt["weights"]
     weights = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in
-               _saved_shapes(ckpt["sharded"], "weights").items()}
-    _dcp_load({"weights": weights}, ckpt["sharded"], collective=False, source=path)
+               saved_shapes(ckpt["sharded"], "weights").items()}
+    load_sharded_weights(ckpt["sharded"], weights, collective=False, source=path)
     return weights
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints (--fsdp)
-def save_sharded_checkpoint(path: Path, run_dir, *, masters, state: dict, optimizer=None, rng: list | None = None,
+def save_sharded_checkpoint(path: Path, *, masters, state: dict, optimizer=None, rng: list | None = None,
                             runtime: Runtime) -> None:
-    """Every process writes its slices of the masters (and of AdamW's state) into one staged
-    folder, which rank 0 completes with state.json and rng.pt and renames into place: as atomic as
-    save_checkpoint. Called by every process; a failed write raises write_failure's UserError."""
-    import torch.distributed.checkpoint as dcp  # (imported when used: see sharding.py)
-    parts = {"weights": {name: m.detach() for name, m in masters.named_masters()}}
-    if optimizer is not None:
-        parts["optimizer"] = named_optimizer_state(optimizer, masters)
+    """Every process writes its slices (sharded_checkpoint.write_sharded) into one staged folder,
+    which rank 0 completes with state.json and rng.pt and renames into place: as atomic as
+    save_checkpoint. Called by every process; a failed write raises its OSError in every one."""
     staged = staged_folder(Path(path), mode_from="state.json") if runtime.is_main else nullcontext()
-    try:
-        with staged as tmp:
-            tmp = Path(all_gather_object(tmp and str(tmp), runtime)[0])  # rank 0's staged folder
-            dcp.save(parts, checkpoint_id=tmp / SHARDED)  # returns when every process's slices are written
-            failure = None
-            if runtime.is_main:
-                failure = _complete(tmp, {**state, "sharded": True, "optimizer_saved": optimizer is not None}, rng)
-            failure = all_gather_object(failure, runtime)[0]  # rank 0's failure stops every process
-            if failure is not None:
-                raise failure
-    except OSError as e:
-        raise write_failure(e, path, run_dir) from None
-    except dcp.api.CheckpointException as e:  # a process could not write its slices: said by every process
-        failed = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-        oserror = next((f for f in failed if isinstance(f, OSError)), None)
-        if oserror is None:
-            raise
-        raise write_failure(oserror, path, run_dir) from None
+    with staged as tmp:
+        tmp = Path(all_gather_object(tmp and str(tmp), runtime)[0])  # rank 0's staged folder
+        write_sharded(tmp / SHARDED, masters, optimizer)
+        failure = None
+        if runtime.is_main:
+            failure = _complete(tmp, {**state, "sharded": True, "optimizer_saved": optimizer is not None}, rng)
+        failure = all_gather_object(failure, runtime)[0]  # rank 0's failure stops every process
+        if failure is not None:
+            raise failure
 
 
 def _complete(tmp: Path, state: dict, rng: list | None) -> OSError | None:
@@ -239,7 +220,7 @@ def _complete(tmp: Path, state: dict, rng: list | None) -> OSError | None:
     they are all there to read (every process must write into the one run folder: on several
     machines, a filesystem they share), then add rng.pt and state.json. The OSError if one fails."""
     try:
-        _sharded_keys(tmp / SHARDED)
+        sharded_keys(tmp / SHARDED)
     except OSError as e:
         return OSError(e.errno, f"{e.strerror or e} where rank 0 reads it: every process must write into the same "
                                 "run folder (on several machines, a filesystem they all share)")
@@ -261,11 +242,10 @@ def restore_masters(ckpt: dict, masters, source, runtime: Runtime) -> None:
                    for name, t in ckpt["weights"].items()}
         masters.load_state_dict(weights, source=str(source))
         return
-    masters.check_shapes({name: shape for name, (shape, _) in _saved_shapes(ckpt["sharded"], "weights").items()},
+    masters.check_shapes({name: shape for name, (shape, _) in saved_shapes(ckpt["sharded"], "weights").items()},
                          source=str(source))
-    with torch.no_grad():
-        _dcp_load({"weights": {name: m.detach() for name, m in masters.named_masters()}}, ckpt["sharded"],
-                  collective=runtime.world_size > 1, source=source)
+    load_sharded_weights(ckpt["sharded"], {name: m.detach() for name, m in masters.named_masters()},
+                         collective=runtime.world_size > 1, source=source)
     masters.copy_to_model()
 
 
@@ -283,79 +263,8 @@ def restore_optimizer(ckpt: dict, optimizer, masters, source, runtime: Runtime) 
         return True
     if not ckpt["state"].get("optimizer_saved"):
         return False
-    by_name = dict(masters.named_masters())
-    named = {}
-    for key, (shape, dtype) in _saved_shapes(ckpt["sharded"], "optimizer").items():
-        name, field = key.rsplit(".", 1)  # NAME.exp_avg
-        if name not in by_name:
-            raise KeyError(name)
-        like = by_name[name]
-        named.setdefault(name, {})[field] = (torch.zeros_like(like) if tuple(shape) == tuple(like.shape)
-                                             else torch.zeros(shape, dtype=dtype))
-    _dcp_load({"optimizer": named}, ckpt["sharded"], collective=runtime.world_size > 1, source=source)
-    load_named_optimizer_state(optimizer, masters, named)
+    load_sharded_optimizer(ckpt["sharded"], optimizer, masters, collective=runtime.world_size > 1, source=source)
     return True
-
-
-def named_optimizer_state(optimizer, masters, saved: dict | None = None) -> dict[str, dict]:
-    """AdamW's state of each trained parameter by its name ({"step", "exp_avg", "exp_avg_sq"}), of
-    `optimizer` or of a state_dict() it saved (which numbers the parameters by position)."""
-    name_of = {id(m): name for name, m in masters.named_masters()}
-    if saved is None:
-        return {name_of[id(p)]: dict(optimizer.state[p]) for group in optimizer.param_groups
-                for p in group["params"] if p in optimizer.state}
-    named = {}
-    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
-        for i, p in zip(saved_group["params"], group["params"], strict=True):
-            if i in saved["state"]:
-                named[name_of[id(p)]] = saved["state"][i]
-    return named
-
-
-def load_named_optimizer_state(optimizer, masters, named: dict[str, dict]) -> None:
-    """Give `optimizer` the state `named` holds by parameter name; whole tensors are sliced as
-    their sharded parameter is."""
-    by_name = dict(masters.named_masters())
-    position = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
-    state_dict = optimizer.state_dict()
-    state_dict["state"] = {position[id(by_name[name])]: {k: distribute_like(v, by_name[name]) for k, v in s.items()}
-                           for name, s in named.items()}
-    optimizer.load_state_dict(state_dict)
-
-
-def _saved_shapes(folder: Path, part: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """{name: (shape, dtype)} of what a sharded checkpoint holds under `part` (weights, optimizer)."""
-    prefix = part + "."
-    return {key[len(prefix):]: (meta.size, meta.properties.dtype) for key, meta in _sharded_keys(folder).items()
-            if key.startswith(prefix) and hasattr(meta, "size")}
-
-
-def _sharded_keys(folder: Path) -> dict:
-    """A DCP folder's table of contents, after checking that every file it names is there."""
-    import torch.distributed.checkpoint as dcp
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
-    sizes = {}  # file -> the bytes its entries reach
-    for info in (metadata.storage_data or {}).values():
-        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sizes.items():
-        path = Path(folder) / name
-        if not path.is_file():
-            raise OSError(errno.ENOENT, f"{name} is missing")
-        if path.stat().st_size < size:
-            raise OSError(errno.EIO, f"{name} is cut short ({path.stat().st_size} of {size} bytes)")
-    return metadata.state_dict_metadata
-
-
-def _dcp_load(parts: dict, folder: Path, *, collective: bool, source) -> None:
-    """dcp.load into `parts` in place: with every process (collective) or by this one alone."""
-    import torch.distributed.checkpoint as dcp
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # (no_dist: meant)
-            dcp.load(parts, checkpoint_id=str(folder), no_dist=not collective or not dist.is_initialized())
-    except (RuntimeError, ValueError, OSError, dcp.api.CheckpointException) as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise UserError(f"{source}: cannot read the checkpoint ({reason})") from None
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:
@@ -434,15 +343,12 @@ def write_checkpoint(path: Path, run_dir: Path, runtime: Runtime, *, masters, st
     """A checkpoint of the masters (and the optimizer): written by rank 0 (save_checkpoint), or by
     every process when they are sharded (save_sharded_checkpoint); called by every process. A
     failed write (a full disk) is said in one line naming the last good checkpoint."""
-    if masters.sharded:
-        save_sharded_checkpoint(path, run_dir, masters=masters, state=state, optimizer=optimizer, rng=rng,
-                                runtime=runtime)
-        return
-    if not runtime.is_main:
-        return
     try:
-        save_checkpoint(path, weights=masters.state_dict(), state=state,
-                        optimizer=None if optimizer is None else optimizer.state_dict(), rng=rng)
+        if masters.sharded:
+            save_sharded_checkpoint(path, masters=masters, state=state, optimizer=optimizer, rng=rng, runtime=runtime)
+        elif runtime.is_main:
+            save_checkpoint(path, weights=masters.state_dict(), state=state,
+                            optimizer=None if optimizer is None else optimizer.state_dict(), rng=rng)
     except OSError as e:
         raise write_failure(e, path, run_dir) from None
 

@@ -181,7 +181,7 @@ def train(model, train_set, collate, *, options: TrainOptions, runtime: Runtime,
         masters = MasterWeights(model, dtype, runtime.device)
         broadcast_(masters.masters, runtime)  # every rank starts from rank 0's weights
         masters.copy_to_model()
-    reset_peak_memory(runtime.device)  # the summary's peak is training's: not loading's, nor the model's before sharding
+    reset_peak_memory(runtime.device)  # the summary's peak is training's: not loading's, nor the whole model's
     optimizer = build_optimizer(masters.named_masters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
                                 decay_embeddings=o.decay_embeddings)
     scaler = LossScaler(enabled=o.precision == "fp16", init_scale=o.init_scale, growth_interval=o.growth_interval)

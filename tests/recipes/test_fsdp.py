@@ -83,8 +83,8 @@ def runs(tmp_path_factory):
     jobs += [{"script": "finetune", "argv": flags(data, "llama", "full", root / "fused-fsdp") + two + ["--fsdp"],
               "fused": True},
              {"script": "instruct", "argv": instruct_flags(root / "instruct-fsdp") + ["--batch-size", "1", "--fsdp"]},
-             {"script": "instruct", "argv": instruct_flags(root / "instruct-ddp") + ["--batch-size", "1", "--steps", "2"],
-              "stdout": str(root / "instruct-ddp.txt")},
+             {"script": "instruct", "stdout": str(root / "instruct-ddp.txt"),
+              "argv": instruct_flags(root / "instruct-ddp") + ["--batch-size", "1", "--steps", "2"]},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "early-fsdp") + two
               + ["--fsdp", "--eval-every", "1", "--patience", "2", "--min-delta", "10", "--general-eval", str(data)]},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "stopped-fsdp") + two + ["--fsdp"],
