@@ -3,7 +3,8 @@
 Instruction tuning and fine-tuning differ in their data (which tokens carry loss) and in which
 parameters train (LoRA or all); the loop is the same:
 
-    set up: fp32 master weights of what trains, AdamW on them, the fp16 loss scaler
+    set up: fp32 master weights of what trains (with --fsdp, each process's slices of them:
+            minituner/sharding.py), AdamW on them, the fp16 loss scaler
     (resume: load the newest readable checkpoint into all of those and the RNGs)
     evaluate the starting point (step 0)
     for each optimizer step:

@@ -15,6 +15,7 @@ from minituner.errors import OptionError
 from minituner.generate import resolve_dtype
 from minituner.precision import auto_dtype
 from minituner.recipes.flags import resolve_precision
+from minituner.sharding import check_fsdp
 
 
 @pytest.fixture
@@ -130,3 +131,15 @@ def test_a_cpu_run_fixes_glibcs_mmap_threshold_unless_the_user_set_it(monkeypatc
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
     distributed.use_device("cpu")
     assert len(calls) == 1  # the user's own setting stands
+
+
+def test_fsdp_on_a_torch_without_fsdp2_sum_reduction_is_one_line(monkeypatch):
+    import torch.distributed.fsdp
+
+    class OldFSDPModule:  # torch before FSDP2 could sum gradients without a divide
+        pass
+
+    monkeypatch.setattr(torch.distributed.fsdp, "FSDPModule", OldFSDPModule)
+    with pytest.raises(OptionError, match=r"this torch \(.*\) lacks FSDP2's sum-only gradient reduction; install a "
+                                          r"newer one \(tested with 2.13\), or train without --fsdp \(DDP\)"):
+        check_fsdp()

@@ -17,10 +17,21 @@ from safetensors.torch import load_file
 from conftest import DATA, FIXTURES, ROOT, StopAfterTwoSteps
 from minituner import step, trainer
 from minituner.checkpoint import checkpoint_weights, list_checkpoints
+from minituner.errors import OptionError
 from minituner.hf.folder import load_pretrained
 from minituner.recipes import finetune, instruct
+from minituner.sharding import check_fsdp
 
-pytestmark = pytest.mark.slow
+
+def fsdp_available() -> bool:
+    try:
+        check_fsdp()
+    except OptionError:
+        return False
+    return True
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fsdp_available(), reason="this torch lacks what --fsdp uses")]
 BASES = {"llama": FIXTURES / "llama-tiny", "gpt2": FIXTURES / "gpt2-tiny"}
 METHODS = {"full": ["--method", "full", "--lr", "2e-3"],
            "lora": ["--method", "lora", "--lora-dropout", "0", "--lr", "2e-3"]}
