@@ -46,15 +46,27 @@ def staged_folder(target: Path, mode_from: str | None = None):
     `mode_from`, every file gets the mode of that file of the new folder (safetensors writes
     0600; a config.json written with the user's umask says what the folder's files should be)."""
     target = Path(target)
+    tmp = new_staging(target)
+    try:
+        yield tmp
+        land(tmp, target, mode_from)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_staging(target: Path) -> Path:
+    """staged_folder's first half, for writers that span processes: the fresh temporary folder
+    beside `target` (what an earlier, killed write left there tidied first)."""
     _clean_leftovers(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        _replace_folder(tmp, target, mode_from)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def land(tmp: Path, target: Path, mode_from: str | None = None) -> None:
+    """staged_folder's second half: the complete folder `tmp` put at `target` (see _replace_folder)."""
+    _replace_folder(tmp, target, mode_from)
 
 
 def _clean_leftovers(target: Path) -> None:

@@ -35,14 +35,13 @@ import os
 import random
 import shutil
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minituner.atomic import staged_folder, write_json
+from minituner.atomic import land, new_staging, staged_folder, write_json
 from minituner.distributed import Runtime, all_gather_object
 from minituner.errors import UserError, read_json
 from minituner.sharded_checkpoint import (SHARDED, load_named_optimizer_state, load_sharded_optimizer,
@@ -200,34 +199,48 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- sharded checkpoints (--fsdp)
 def save_sharded_checkpoint(path: Path, *, masters, state: dict, optimizer=None, rng: list | None = None,
                             runtime: Runtime) -> None:
-    """Every process writes its slices (sharded_checkpoint.write_sharded) into one staged folder,
-    which rank 0 completes with state.json and rng.pt and renames into place: as atomic as
-    save_checkpoint. Called by every process; a failed write raises its OSError in every one."""
-    staged = staged_folder(Path(path), mode_from="state.json") if runtime.is_main else nullcontext()
-    with staged as tmp:
-        tmp = Path(all_gather_object(tmp and str(tmp), runtime)[0])  # rank 0's staged folder
-        write_sharded(tmp / SHARDED, masters, optimizer)
-        failure = None
+    """Every process writes its slices (sharded_checkpoint.write_sharded) into one temporary
+    folder, which rank 0 checks, completes with state.json and rng.pt, and renames into place: as
+    atomic as save_checkpoint. Called by every process; what fails on one (staging, a slice, the
+    rename) raises the same OSError in every one, so that all stop together."""
+    path, tmp, failure = Path(path), None, None
+    if runtime.is_main:
+        try:
+            tmp = new_staging(path)
+        except OSError as e:
+            failure = e
+    tmp, failure = all_gather_object((tmp and str(tmp), failure), runtime)[0]  # rank 0's folder, or its failure
+    if failure is not None:
+        raise failure
+    try:
+        write_sharded(Path(tmp) / SHARDED, masters, optimizer)
         if runtime.is_main:
-            failure = _complete(tmp, {**state, "sharded": True, "optimizer_saved": optimizer is not None}, rng)
-        failure = all_gather_object(failure, runtime)[0]  # rank 0's failure stops every process
+            failure = _complete(Path(tmp), path, {**state, "sharded": True, "optimizer_saved": optimizer is not None},
+                                rng)
+        failure = all_gather_object(failure, runtime)[0]
         if failure is not None:
             raise failure
+    finally:
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # (gone once landed)
 
 
-def _complete(tmp: Path, state: dict, rng: list | None) -> OSError | None:
+def _complete(tmp: Path, path: Path, state: dict, rng: list | None) -> OSError | None:
     """Rank 0's part of a sharded checkpoint, once every process has written its slices: check
     they are all there to read (every process must write into the one run folder: on several
-    machines, a filesystem they share), then add rng.pt and state.json. The OSError if one fails."""
+    machines, a filesystem they share), add rng.pt and state.json, and put the folder at `path`.
+    The failure as an OSError (to be raised by every process), or None."""
     try:
         sharded_keys(tmp / SHARDED)
-    except OSError as e:
-        return OSError(e.errno, f"{e.strerror or e} where rank 0 reads it: every process must write into the same "
-                                "run folder (on several machines, a filesystem they all share)")
+    except Exception as e:  # a file missing or cut short, a .metadata that cannot be read
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        return OSError(errno.EIO, f"{reason} where rank 0 reads it: every process must write into the same "
+                                  "run folder (on several machines, a filesystem they all share)")
     try:
         if rng is not None:
             torch.save(rng, tmp / "rng.pt")
         write_json(tmp / "state.json", state)
+        land(tmp, path, mode_from="state.json")
     except OSError as e:
         return e
     return None

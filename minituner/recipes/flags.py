@@ -255,15 +255,21 @@ def model_home(runtime: Runtime) -> torch.device:
 @contextmanager
 def on_device(model, runtime: Runtime, needed: bool = True):
     """Rank 0's generations and scores before training run on its device: under --fsdp the model
-    waits on the CPU (model_home), so it visits the device for them (needed: anything to generate)."""
+    waits on the CPU (model_home), so it visits the device for them, whole (needed: anything to
+    generate); a model too large for that is said in one line."""
     visit = needed and runtime.sharded and runtime.device.type != "cpu"
-    if visit:
-        model.to(runtime.device)
     try:
+        if visit:
+            model.to(runtime.device)
         yield
+    except torch.OutOfMemoryError:
+        raise UserError(f"{runtime.device} cannot hold the whole model to generate the samples before training "
+                        "(--fsdp shards it only for training): give --samples 0, and no --eval-exact or --cloze"
+                        ) from None
     finally:
         if visit:
             model.to("cpu")
+            torch.cuda.empty_cache()  # (its blocks back: training's peak memory is its own)
 
 
 def claim_run_folder(args: argparse.Namespace, runtime: Runtime, script: str) -> None:

@@ -100,12 +100,15 @@ def runs(tmp_path_factory):
               + ["--fsdp", "--eval-every", "1", "--patience", "2", "--min-delta", "10", "--general-eval", str(data)]},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "stopped-fsdp") + two + ["--fsdp"],
               "stop_after": 3},
+             {"script": "finetune", "argv": flags(data, "llama", "full", root / "full-disk") + two + ["--fsdp"],
+              "full_disk_on_rank": 1, "expect": 2},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "stopped-ddp") + two, "stop_after": 3},
              {"script": "bench", "argv": bench, "stdout": str(root / "bench-ddp.json")},
              {"script": "bench", "argv": [*bench, "--fsdp"], "stdout": str(root / "bench-fsdp.json")},
              {"script": "finetune", "argv": flags(data, "llama", "full", root / "killed") + two + ["--fsdp"],
               "kill_after": 5}]
     first = launch(jobs, root)
+    (root / "launch-0.err").write_text(first.stderr)
     assert first.returncode != 0 and not (root / "killed" / "summary.json").exists()  # the kill ended the launch
     assert (root / "bench-fsdp.json").is_file(), first.stderr[-3000:]
     for b, m in COMBOS:  # the same runs on one process, a batch of 4, no --fsdp
@@ -254,6 +257,16 @@ def test_a_sharded_checkpoint_missing_a_slice_is_set_aside(runs, tmp_path, capsy
     assert "resuming from step-000002: step 2 of 6" in out
     assert (copy / "checkpoints" / "unreadable-step-000003").is_dir()
     assert max_diff(final_weights(copy), final_weights(runs / "llama-full-one")) < 1e-5
+
+
+def test_a_full_disk_on_one_process_stops_every_process_in_one_line(runs):
+    """Rank 1 cannot write its slices of the first checkpoint (step 2): both processes stop with
+    write_failure's line, and no checkpoint, whole or partial, is left."""
+    expected = (f"error: could not write {runs / 'full-disk' / 'checkpoints' / 'step-000002'} (the disk is full); "
+                "training stopped and no checkpoint was written before it: free some space, then start the run again")
+    lines = (runs / "launch-0.err").read_text().splitlines()
+    assert sum(line == expected for line in lines) == 2  # one per process
+    assert list((runs / "full-disk" / "checkpoints").iterdir()) == []
 
 
 def test_a_split_that_breaks_the_global_batch_is_refused(runs, tmp_path, capsys):
