@@ -100,3 +100,42 @@ def test_a_training_step_and_a_decoded_token_wait_for_the_gpu_once():
     prompt = reference("llama31-tiny")["prompt_ids"][0].tolist()
     decode = [_syncs(lambda n=n: generate(gpu, [prompt, prompt[3:]], max_new_tokens=n, stop_ids=[-1])) for n in (5, 15)]
     assert decode[1] - decode[0] == 10  # one per token (setting up and reading out happen once a call)
+
+
+def test_fsdp_shards_a_model_waiting_on_the_cpu_onto_the_gpu(tmp_path):
+    """The scripts load the model on the CPU under --fsdp; sharding moves it to the GPU block by
+    block (one process, NCCL): every slice lands there, float32, and a step trains what the
+    unsharded step trains. Rank 0's visit of the GPU before training brings the model back intact."""
+    import torch.distributed as dist
+
+    from minituner.distributed import Runtime
+    from minituner.optim import build_optimizer
+    from minituner.precision import LossScaler, MasterWeights
+    from minituner.recipes.flags import on_device
+    from minituner.sharding import local, shard_model
+    from minituner.step import train_step
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        runtime = Runtime(torch.device("cuda", 0), sharded=True)
+        ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        losses = []
+        for sharded in (True, False):
+            model, _ = load_pretrained(FIXTURES / "llama-tiny", device="cpu")
+            if sharded:
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                with on_device(model, runtime):
+                    assert next(model.parameters()).is_cuda
+                assert all(torch.equal(p, before[n]) and not p.is_cuda for n, p in model.named_parameters())
+                masters = shard_model(model, torch.float32, runtime)
+                assert all(local(p).is_cuda and p.dtype == torch.float32 for p in model.parameters())
+            else:
+                masters = MasterWeights(model, torch.float32, runtime.device)
+            optimizer = build_optimizer(masters.named_masters(), lr=1e-3, weight_decay=0.0)
+            out = train_step(model, [batch], masters=masters, optimizer=optimizer, scaler=LossScaler(enabled=False),
+                             lr=1e-3, max_grad_norm=1.0, runtime=runtime if sharded else Runtime(runtime.device))
+            losses.append(out["loss"])
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    finally:
+        dist.destroy_process_group()
