@@ -6,6 +6,8 @@ transformers computed in float32 for the same weights.
 """
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -114,22 +116,31 @@ def chat_folder(folder: Path, name: str, tokenizer: Tokenizer, in_config: bool =
     return folder
 
 
-class StopAfterTwoSteps(trainer.StopRequest):
-    """Patched over trainer.StopRequest: a SIGTERM arriving during the second step (the loop
-    checks `requested` once per step), without the timing of a real signal."""
+def stop_request_after(n: int, kill: bool = False) -> type:
+    """A class to patch over trainer.StopRequest: a SIGTERM arriving during step n (the loop
+    checks `requested` once per step), without the timing of a real signal; with kill, a SIGKILL
+    the process sends itself there instead (before any checkpoint of that step)."""
 
-    def __init__(self):
-        super().__init__()
-        self.checks = 0
+    class StopAfter(trainer.StopRequest):
+        def __init__(self):
+            super().__init__()
+            self.checks = 0
 
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= 2
+        @property
+        def requested(self):
+            self.checks += 1
+            if kill and self.checks >= n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.checks >= n
 
-    @requested.setter
-    def requested(self, value):
-        pass
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    return StopAfter
+
+
+StopAfterTwoSteps = stop_request_after(2)
 
 
 SP_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

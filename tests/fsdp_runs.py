@@ -17,39 +17,17 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 from torch.distributed.checkpoint import filesystem
 
+from conftest import stop_request_after
 from minituner import bench, step, trainer
 from minituner.recipes import finetune, instruct
 
 SCRIPTS = {"finetune": finetune, "instruct": instruct, "bench": bench}
-
-
-def stopping_after(n: int, kill: bool = False):
-    class StopAfter(trainer.StopRequest):
-        """A stop request that arrives during step n (the loop asks once per step), or a kill -9."""
-
-        def __init__(self):
-            super().__init__()
-            self.checks = 0
-
-        @property
-        def requested(self):
-            self.checks += 1
-            if kill and self.checks >= n:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return self.checks >= n
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
-    return StopAfter
 
 
 def main() -> int:
@@ -57,8 +35,8 @@ def main() -> int:
     finetune.shutdown = instruct.shutdown = bench.shutdown = lambda runtime: None  # one process group for every run
     failed = 0
     for job in jobs:
-        trainer.StopRequest = (stopping_after(job["stop_after"]) if "stop_after" in job else
-                               stopping_after(job["kill_after"], kill=True) if "kill_after" in job else StopRequest)
+        trainer.StopRequest = (stop_request_after(job["stop_after"]) if "stop_after" in job else
+                               stop_request_after(job["kill_after"], kill=True) if "kill_after" in job else StopRequest)
         step.FUSED_MIN_VOCAB = 0 if job.get("fused") else FUSED_MIN_VOCAB
         filesystem._write_item = full_disk if job.get("full_disk_on_rank") == int(os.environ["RANK"]) else WRITE_ITEM
         rank = os.environ["RANK"]
