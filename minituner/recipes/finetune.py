@@ -115,8 +115,6 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device, args.dist_timeout, fsdp=args.fsdp)
     say = print if runtime.is_main else (lambda *a, **k: None)
-    if args.fsdp and runtime.world_size == 1:
-        say("note: --fsdp with one process: there is nothing to shard over, so it trains as without --fsdp")
     args.out = all_gather_object(args.out, runtime)[0]  # ranks that started on another second named another default
     if args.builtin:
         args.base = str(builtin.check_base_model())

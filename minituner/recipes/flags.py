@@ -206,6 +206,8 @@ def settle(args: argparse.Namespace, device: torch.device, default_lr: float, sa
     args.precision = resolve_precision(args.precision, device)
     if args.fsdp and world_size_from_env() > 1:
         check_fsdp()
+    elif args.fsdp:
+        say("note: --fsdp with one process: there is nothing to shard over, so it trains as without --fsdp")
     if args.padding_free is None:  # a run resumed from before the flag keeps the padded batches it began with
         args.padding_free = args.resume is None
     if args.precision == "bf16" and slow_cpu_bf16(device):

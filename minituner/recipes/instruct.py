@@ -93,8 +93,6 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     runtime = init_runtime(args.device, args.dist_timeout, fsdp=args.fsdp)
     say = print if runtime.is_main else (lambda *a, **k: None)
-    if args.fsdp and runtime.world_size == 1:
-        say("note: --fsdp with one process: there is nothing to shard over, so it trains as without --fsdp")
     # ranks that started on another second named another default folder and date: rank 0's hold
     now = datetime.now().isoformat(timespec="seconds")
     args.out, args.template_date = all_gather_object((args.out, args.template_date or now), runtime)[0]
